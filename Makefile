@@ -1,0 +1,37 @@
+# birefnet-pipeline: `make repro` sets everything up and runs the pipeline; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+
+include offline.env
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' offline.env)
+export PREFECT_HOME := $(abspath $(PREFECT_HOME))
+export PATH := $(BIN):$(PATH)
+
+.PHONY: repro test test-fast lint setup clean-data
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import birefnet, torch, timm, ray, mlflow, prefect, dvc, webdataset"
+	touch $@
+
+## setup: create .venv with the pinned dependencies (also done by repro and test)
+setup: $(VENV)/.installed
+
+## repro: install if needed, then run the whole pipeline (dvc repro) on params.yaml
+repro: $(VENV)/.installed
+	$(BIN)/dvc repro
+
+## test: the full suite, slow end-to-end tests included (what CI runs)
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not gpu and not data" $(PYTEST_ARGS)
+
+## test-fast: the quick lane (no slow tests)
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check birefnet pipelines tests benchmarks

@@ -1,0 +1,67 @@
+"""``birefnet`` command line: one subcommand per pipeline stage plus tools.
+
+Every subcommand lives in its own module exposing ``get_args_parser()`` and ``main(argv) -> int``; this
+file only dispatches, importing the module lazily so ``birefnet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synthesize": ("birefnet.stages.synthesize", "write the embedded DIS-like dataset (DIS5K layout)"),
+    "ingest": ("birefnet.stages.ingest", "validate image/mask pairs, write the manifest and quarantine report"),
+    "gradients": ("birefnet.stages.gradients", "precompute outward-reference gradient labels"),
+    "shard": ("birefnet.stages.shard", "pack the prepared dataset into WebDataset tar shards"),
+    "train": ("birefnet.stages.train", "train BiRefNet with Ray Train (staged schedule, checkpoints)"),
+    "evaluate": ("birefnet.stages.evaluate", "score a model or prediction folders with the paper's metrics"),
+    "register": ("birefnet.stages.register", "register the model in MLflow behind the promotion gate"),
+    "convert-upstream": ("birefnet.models.convert", "convert a published BiRefNet .pth to our safetensors"),
+    "predict": ("birefnet.predict", "predict masks and RGBA cut-outs for images at original resolution"),
+    "export": ("birefnet.export", "export a model to ONNX and check parity"),
+    "promote": ("birefnet.registry", "move the champion alias by hand (with the gate's checks)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: birefnet COMMAND [options]",
+        "",
+        "BiRefNet training pipeline. Stage commands read params.yaml (--params PATH) and accept",
+        "repeatable --set key.path=value overrides, validated like the file itself.",
+        "",
+        "commands:",
+    ]
+    for name, (_, summary) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {summary}")
+    lines += ["", "Run 'birefnet COMMAND --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``birefnet COMMAND ...`` to the command's module."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"birefnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"birefnet: command {name!r} is not available in this version ({module_name} missing)",
+                  file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

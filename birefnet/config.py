@@ -1,0 +1,368 @@
+"""Typed parameters for the whole pipeline, loaded from ``params.yaml``.
+
+This module is the only reader of ``params.yaml``. Every group of the file maps to one frozen pydantic
+model with ``extra="forbid"``, so a typo, a wrong type or an out-of-range value is rejected with its key
+path, the expected value and the given value before any stage starts work.
+
+Overrides use the same validation: ``--set train.lr=1e-4`` parses the value as YAML and re-validates the
+whole document.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DIS5K_SETS = ("DIS-TR", "DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
+
+
+class ParamsError(ValueError):
+    """Raised when ``params.yaml`` (or an override) is invalid; the message lists every problem."""
+
+
+class Frozen(BaseModel):
+    """Base for every params group: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class SyntheticParams(Frozen):
+    """The embedded DIS-like dataset written by the ``synthesize`` stage."""
+
+    seed: int = 0
+    out: Path = Path("data/synthetic")
+    counts: dict[str, PositiveInt] = Field(
+        default_factory=lambda: {
+            "DIS-TR": 120,
+            "DIS-VD": 16,
+            "DIS-TE1": 12,
+            "DIS-TE2": 12,
+            "DIS-TE3": 12,
+            "DIS-TE4": 12,
+        }
+    )
+    min_side: Annotated[int, Field(ge=64, le=4096)] = 256
+    max_side: Annotated[int, Field(ge=64, le=4096)] = 448
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 92
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> SyntheticParams:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self
+
+
+class DataParams(Frozen):
+    """Where the dataset lives, how it is split and validated, and the training resolution."""
+
+    root: Path = Path("data/synthetic")
+    prepared: Path = Path("data/prepared")
+    train_sets: list[str] = Field(default_factory=lambda: ["DIS-TR"], min_length=1)
+    val_sets: list[str] = Field(default_factory=lambda: ["DIS-VD"])
+    test_sets: list[str] = Field(default_factory=lambda: ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"])
+    size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    on_bad_sample: Literal["fail", "quarantine"] = "quarantine"
+    max_image_pixels: Annotated[int, Field(gt=0)] = 200_000_000
+    workers: NonNegativeInt = 2
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+
+    @field_validator("size")
+    @classmethod
+    def _size_multiple_of_32(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] % 32 or v[1] % 32:
+            raise ValueError(f"both sides must be multiples of 32 (the decoder's patch grid), got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _sets_disjoint(self) -> DataParams:
+        seen: dict[str, str] = {}
+        for split in ("train_sets", "val_sets", "test_sets"):
+            for name in getattr(self, split):
+                if name in seen:
+                    raise ValueError(f"set {name!r} is listed in both {seen[name]} and {split}")
+                seen[name] = split
+        return self
+
+    def split_of(self, set_name: str) -> str | None:
+        """Return ``"train"``, ``"val"``, ``"test"`` or None for a set name."""
+        for split in ("train", "val", "test"):
+            if set_name in getattr(self, f"{split}_sets"):
+                return split
+        return None
+
+
+class GradientsParams(Frozen):
+    """Outward-reference gradient labels (a Laplacian of the normalised grayscale image)."""
+
+    mode: Literal["precomputed", "on_the_fly"] = "precomputed"
+    out: Path = Path("data/gradients")
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class ModelParams(Frozen):
+    """BiRefNet architecture switches. Defaults equal the published general checkpoint (swin_v1_l).
+
+    Owned by the model package; ``birefnet.models.build_model(params.model)`` is the only consumer. Every
+    paper component is a switch so the ablations of the paper are one ``--set`` away. Switches that change
+    the state-dict layout are embedded in every saved checkpoint, so ``load_model`` rebuilds from the file.
+    """
+
+    encoder: str = Field(
+        "swin_v1_l",
+        min_length=1,
+        description="swin_v1_t | swin_v1_s | swin_v1_b | swin_v1_l (upstream's Swin, built with timm) or any "
+        "timm model name with stride-4/8/16/32 features (e.g. pvt_v2_b0, convnext_atto)",
+    )
+    encoder_weights: Path | None = Field(
+        None, description="local file with ImageNet weights for the encoder; None = random init (never downloads)"
+    )
+    drop_path_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="encoder stochastic depth; None = upstream's value (0.2 Swin, 0.1 other)"
+    )
+    multiscale_input: Literal["cat", "add", "none"] = Field(
+        "cat", description="image pyramid input: the encoder also reads the half-size image (cat doubles channels)"
+    )
+    context_levels: int = Field(3, ge=0, le=3, description="shallow encoder levels fused into the deepest one")
+    squeeze_block: Literal["basic", "residual", "none"] = Field(
+        "basic", description="block that maps the fused deepest features back to the encoder width"
+    )
+    squeeze_depth: int = Field(1, ge=1, le=4, description="number of squeeze blocks")
+    decoder_block: Literal["basic", "residual"] = "basic"
+    attention: Literal["none", "aspp", "aspp_deformable"] = Field(
+        "aspp_deformable", description="attention inside every decoder block (aspp_deformable = reconstruction block)"
+    )
+    decoder_inter_channels: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="decoder block inner width: fixed = 64, adaptive = in_channels // 4"
+    )
+    inward_reference: bool = Field(True, description="stack image patches into every decoder stage")
+    inward_reference_mode: Literal["split", "resize"] = Field(
+        "split", description="split: full-resolution patches stacked on channels; resize: the resized image"
+    )
+    outward_reference: bool = Field(True, description="gradient heads and gradient attention (needs stage heads)")
+    multistage_supervision: bool = Field(True, description="1-channel side outputs at strides 32, 16 and 8")
+    auxiliary_classification: bool = Field(False, description="class head on the deepest features (CE term)")
+    num_classes: int = Field(219, ge=2, description="classes of the auxiliary head (219 on DIS5K-TR)")
+    deform_impl: Literal["torchvision", "sampling", "auto"] = Field(
+        "auto",
+        description="deformable convolution kernel: torchvision.ops.deform_conv2d, grid_sample + matmul, or the "
+        "faster one for the input's device (same parameters either way)",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute encoder stages and decoder blocks in backward")
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_name(cls, v: str) -> str:
+        if v.strip() != v or " " in v:
+            raise ValueError(f"encoder must be a model name without spaces, given {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelParams:
+        if self.outward_reference and not self.multistage_supervision:
+            raise ValueError(
+                "outward_reference needs multistage_supervision (its gradient labels are masked by the stage "
+                "predictions); set both true or outward_reference false"
+            )
+        if self.squeeze_block == "none" and self.context_levels > 0:
+            raise ValueError(
+                f"squeeze_block 'none' needs context_levels 0 (given {self.context_levels}): the squeeze block maps "
+                "the fused context features back to the encoder width"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------ shard, loader
+
+
+class ShardParams(Frozen):
+    """The ``shard`` stage: WebDataset tars per split/set. Owned by ``birefnet/data`` (WebDataset writer).
+
+    A shard is closed when the next sample would exceed ``max_samples`` or ``max_bytes`` (tar bytes).
+    """
+
+    out: Path = Path("data/shards")
+    max_samples: PositiveInt = 64
+    max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    resize: bool = True
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    quality: Annotated[int, Field(ge=1, le=100)] = 95
+    png_compression: Annotated[int, Field(ge=0, le=9)] = 3
+    original_masks: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["test"])
+
+
+class LoaderParams(Frozen):
+    """The streaming WebDataset loader and its augmentations. Owned by ``birefnet/data`` (loader).
+
+    Augmentation names and ranges follow upstream's ``image_proc.py`` (order flip, crop, rotate, enhance,
+    pepper). Factor ranges are inclusive and drawn in steps of 0.1, as upstream's ``randint(a, b) / 10``.
+    """
+
+    batch_size: PositiveInt = 4
+    workers: NonNegativeInt = 2
+    shuffle_buffer: NonNegativeInt = 128
+    seed: int = 0
+    epoch_batches: PositiveInt | None = None
+    augment: list[Literal["flip", "crop", "rotate", "enhance", "pepper"]] = Field(
+        default_factory=lambda: ["flip", "rotate"])
+    flip_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    crop_border: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    rotate_prob: Annotated[float, Field(ge=0, le=1)] = 0.2
+    rotate_degrees: Annotated[int, Field(ge=0, le=180)] = 15
+    brightness: tuple[float, float] = (0.5, 1.4)
+    contrast: tuple[float, float] = (0.5, 1.4)
+    color: tuple[float, float] = (0.0, 1.9)
+    sharpness: tuple[float, float] = (0.0, 2.9)
+    pepper_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0015
+    on_decode_error: Literal["fail", "skip"] = "fail"
+    pin_memory: bool = True
+    prefetch_factor: PositiveInt = 2
+
+    @field_validator("brightness", "contrast", "color", "sharpness")
+    @classmethod
+    def _factor_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"expected 0 <= low <= high, got {list(v)}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------- params
+
+
+class Params(Frozen):
+    """The whole ``params.yaml``."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    gradients: GradientsParams = Field(default_factory=GradientsParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    shard: ShardParams = Field(default_factory=ShardParams)
+    loader: LoaderParams = Field(default_factory=LoaderParams)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _expected_for(error: dict[str, Any]) -> str:
+    kind = error.get("type", "")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "no such key (check the spelling; see params.yaml in the repository for every key)"
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        limit = next(iter(ctx.values())) if ctx else "?"
+        return f"a number {op} {limit}"
+    if kind == "missing":
+        return "a value (the key is required)"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return kind.replace("_parsing", "").replace("_type", "")
+    return str(error.get("msg", kind))
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render a pydantic error as one line per problem: key path, expected value, given value."""
+    lines = [f"{source}: {err.error_count()} invalid parameter(s):"]
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]))
+        given = e.get("input")
+        if e.get("type") in ("value_error", "assertion_error"):
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            shown = f", given {given!r}" if loc and not isinstance(given, dict) else ""
+            lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+        else:
+            lines.append(f"  {loc}: expected {_expected_for(e)}, given {given!r}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into the key path and the YAML-parsed value."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ParamsError(f"override {text!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``doc`` with ``key.path=value`` overrides applied (validated later)."""
+    out = copy.deepcopy(doc)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: {part!r} is a value, not a group")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def validate_params(doc: dict[str, Any], source: str = "params") -> Params:
+    """Validate a parsed document; raise ParamsError with a readable message."""
+    try:
+        return Params.model_validate(doc)
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate ``params.yaml``.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings (values parsed as YAML), applied before validation.
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or any value is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, given {type(doc).__name__}")
+    source = str(path) + (f" (with overrides {list(overrides)})" if overrides else "")
+    return validate_params(apply_overrides(doc, overrides), source)
+
+
+def params_to_dict(params: BaseModel) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of a params model (paths as strings, tuples as lists)."""
+    return params.model_dump(mode="json")

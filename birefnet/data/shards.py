@@ -1,0 +1,450 @@
+"""WebDataset shard writer: deterministic, atomic tar shards plus a per-split ``index.json``.
+
+Sample layout inside a tar (``<key>.<ext>`` members, in this order):
+
+* ``<key>.image.jpg`` (or ``.image.png`` / ``.image.webp``): RGB image, resized to the training size when
+  ``shard.resize`` is on.
+* ``<key>.mask.png``: 8-bit gray mask at the image's size.
+* ``<key>.gradient.png``: 16-bit gradient label at the training size (``gradients.mode: precomputed`` only),
+  the gradients stage's file copied byte for byte.
+* ``<key>.mask_original.png``: the mask at the original resolution (splits listed in ``shard.original_masks``),
+  so metrics can be computed at original size from the shards alone.
+* ``<key>.json``: set, original key, index, class name and id, original width/height, source paths and sha256.
+
+``<key>`` is ``<set>-<index:06d>`` with the set name reduced to ``[A-Za-z0-9_-]``: WebDataset splits a member
+name at its first dot, so the original file stem (which may hold dots, spaces, ``#`` or any unicode) lives in
+the json only.
+
+Determinism: members carry fixed metadata (mtime 0, mode 0444, uid/gid 0, no user names, USTAR format) and
+samples are written in a fixed order, so equal inputs and params give byte-identical shards. Atomicity: a shard
+is written to a hidden ``.<name>.tmp`` file, flushed and fsynced, then renamed; ``index.json`` (written the same
+way) is the only entry point for readers and is removed before a split is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+TMP_SUFFIX = ".tmp"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_name(name: str) -> str:
+    """A name usable in a WebDataset key and a file name: runs of characters outside ``[A-Za-z0-9_-]`` -> ``_``."""
+    out = _UNSAFE.sub("_", name).strip("_")
+    return out or "set"
+
+
+def sample_key(set_name: str, index: int) -> str:
+    """The WebDataset ``__key__`` of sample ``index`` of a set (no dots, no slashes)."""
+    return f"{safe_name(set_name)}-{index:06d}"
+
+
+def shard_name(set_name: str, number: int) -> str:
+    """File name of shard ``number`` of a set: ``<set>-%06d.tar``."""
+    return f"{safe_name(set_name)}-{number:06d}.tar"
+
+
+def encode_image(image: np.ndarray, image_format: str, quality: int, png_compression: int) -> bytes:
+    """Encode an RGB image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        image_format: ``jpg``, ``png`` or ``webp``.
+        quality: jpg/webp quality 1..100.
+        png_compression: zlib level 0..9 for png.
+
+    Returns:
+        The encoded bytes (deterministic for equal inputs).
+    """
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if image_format == "jpg":
+        flags = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif image_format == "webp":
+        flags = [cv2.IMWRITE_WEBP_QUALITY, quality]
+    elif image_format == "png":
+        flags = [cv2.IMWRITE_PNG_COMPRESSION, png_compression]
+    else:
+        raise ValueError(f"image_format must be jpg, png or webp, got {image_format!r}")
+    ok, buf = cv2.imencode("." + image_format, bgr, flags)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} image as {image_format}")
+    return buf.tobytes()
+
+
+def encode_png(array: np.ndarray, compression: int) -> bytes:
+    """Encode an (H, W) uint8 or uint16 array as a gray PNG."""
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {array.shape} {array.dtype} array as PNG")
+    return buf.tobytes()
+
+
+def png_header(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, without decoding.
+
+    Raises:
+        ValueError: not a PNG.
+    """
+    if len(data) < 26 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height, data[24], data[25]
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in a tar: a 512-byte header plus padded data."""
+    return 512 + (size + 511) // 512 * 512
+
+
+def tar_size(member_total: int) -> int:
+    """Size of a tar file whose members take ``member_total`` bytes: end blocks, padded to 10240-byte records."""
+    return (member_total + 1024 + tarfile.RECORDSIZE - 1) // tarfile.RECORDSIZE * tarfile.RECORDSIZE
+
+
+@dataclass
+class ShardInfo:
+    """One finished shard: file name (relative to the split folder), sample count, bytes, sha256."""
+
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class AtomicShardWriter:
+    """Writes a stream of samples of one set into numbered tar shards, each renamed into place when complete.
+
+    A sample is a mapping ``{"__key__": str, ext: bytes, ...}``; members are written in the mapping's order.
+    A new shard starts when adding the sample would exceed ``max_samples`` or ``max_bytes`` (a sample larger
+    than ``max_bytes`` gets a shard of its own).
+
+    Args:
+        folder: the split folder shards go to.
+        set_name: names the shards ``<set>-%06d.tar``.
+        max_samples: samples per shard at most.
+        max_bytes: tar bytes per shard at most (headers and end-of-archive blocks included).
+    """
+
+    def __init__(self, folder: str | Path, set_name: str, max_samples: int, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.set_name = set_name
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.shards: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._file: io.BufferedWriter | None = None
+        self._hash: Any = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self._bytes = 0
+
+    def __enter__(self) -> AtomicShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = shard_name(self.set_name, len(self.shards))
+        self._tmp = self.folder / f".{name}{TMP_SUFFIX}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
+        self._hash = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+        self._bytes = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample; ``sample["__key__"]`` is the key, every other entry ``ext: bytes``."""
+        key = sample["__key__"]
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        members = [(f"{key}.{ext}", data) for ext, data in sample.items() if ext != "__key__"]
+        size = sum(member_bytes(len(data)) for _, data in members)
+        full = self._count >= self.max_samples or tar_size(self._bytes + size) > self.max_bytes
+        if self._tar is not None and full:
+            self._finish()
+        if self._tar is None:
+            self._open()
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._count += 1
+        self._bytes += size
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._file is not None and self._tmp is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        final = self.folder / shard_name(self.set_name, len(self.shards))
+        os.replace(self._tmp, final)
+        self.shards.append(ShardInfo(final.name, self._count, size, self._hash.hexdigest()))
+        self._tar = self._file = self._tmp = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard (if any) and return every shard written."""
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file is removed); finished shards stay."""
+        if self._file is not None:
+            self._file.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._tar = self._file = self._tmp = None
+
+
+class _HashingWriter:
+    """A write-only file wrapper that feeds every byte to a hash (tarfile only calls ``write``)."""
+
+    def __init__(self, raw: io.BufferedWriter, digest: Any) -> None:
+        self.raw = raw
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+@dataclass
+class SplitIndex:
+    """``index.json`` of one split: what a reader needs to stream it.
+
+    Attributes:
+        split: ``train``, ``val`` or ``test``.
+        size: (width, height) every image/mask has, or None when not resized at shard time.
+        image_ext: member extension of the image (``image.jpg`` ...).
+        gradient: whether samples carry ``gradient.png``.
+        original_mask: whether samples carry ``mask_original.png``.
+        sets: set name -> {"samples": n, "shards": [ShardInfo as dict, ...]}.
+    """
+
+    split: str
+    size: list[int] | None
+    image_ext: str
+    gradient: bool
+    original_mask: bool
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: int = INDEX_VERSION
+
+    @property
+    def samples(self) -> int:
+        """Samples over all sets."""
+        return sum(s["samples"] for s in self.sets.values())
+
+    def shard_paths(self, folder: str | Path, sets: Iterable[str] | None = None) -> list[tuple[str, int]]:
+        """(path, samples) of each shard of the given sets (all sets when None), in index order."""
+        folder = Path(folder)
+        names = list(self.sets) if sets is None else list(sets)
+        missing = [n for n in names if n not in self.sets]
+        if missing:
+            raise KeyError(f"set(s) {missing} not in {folder / INDEX_NAME} (has {list(self.sets)})")
+        return [(str(folder / s["file"]), s["samples"]) for n in names for s in self.sets[n]["shards"]]
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys, no timestamps)."""
+        doc = asdict(self)
+        doc["samples"] = self.samples
+        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def read(cls, folder: str | Path) -> SplitIndex:
+        """Load ``<folder>/index.json``.
+
+        Raises:
+            FileNotFoundError: no index (the split was never sharded, or a shard run did not finish).
+        """
+        path = Path(folder) / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no shard index (run `birefnet shard`; an interrupted run leaves none)")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("version") != INDEX_VERSION:
+            raise ValueError(f"{path}: index version {doc.get('version')} is not {INDEX_VERSION}; reshard")
+        doc.pop("samples", None)
+        return cls(**doc)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a text file under a temporary name, fsync, then rename into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def clean_split_folder(folder: str | Path, keep: Iterable[str] = ()) -> list[str]:
+    """Remove leftover temporary files and shards not in ``keep`` from a split folder; return removed names."""
+    folder = Path(folder)
+    keep = set(keep)
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        stale_tmp = entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX)
+        stale_tar = entry.suffix == ".tar" and entry.name not in keep
+        if entry.is_file() and (stale_tmp or stale_tar):
+            entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of a tar in order; a test and debugging helper."""
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if info.isreg():
+                fh = tar.extractfile(info)
+                assert fh is not None
+                yield info.name, fh.read()
+
+
+# ------------------------------------------------------------------------------------- sample encoding
+
+
+class SampleError(ValueError):
+    """A manifest entry could not be packed; the message names the set, key and file."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How samples are encoded.
+
+    Attributes:
+        size: (width, height) to resize images and masks to, or None to keep the original size.
+        image_format: ``jpg``, ``png`` or ``webp``.
+        quality: jpg/webp quality.
+        png_compression: zlib level for PNG members.
+        gradient_size: (width, height) the gradient labels must have (the training size).
+        max_pixels: decompression-bomb guard passed to the image readers.
+    """
+
+    size: tuple[int, int] | None
+    image_format: str = "jpg"
+    quality: int = 95
+    png_compression: int = 3
+    gradient_size: tuple[int, int] | None = None
+    max_pixels: int = 200_000_000
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """One manifest entry to pack: the entry, its index in its set, the gradient file and whether to keep the
+    full-resolution mask."""
+
+    entry: dict[str, Any]
+    index: int
+    gradient_path: str | None
+    original_mask: bool
+
+
+def encode_sample(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
+    """Read, resize and encode one manifest entry into WebDataset members.
+
+    Args:
+        task: the entry (manifest fields ``set, key, image, mask, width, height, class_name, class_id,
+            image_sha256, mask_sha256``), its index and gradient path.
+        options: encoding options.
+
+    Returns:
+        ``{"__key__": key, "image.<fmt>": bytes, "mask.png": bytes, ["gradient.png": bytes,]
+        ["mask_original.png": bytes,] "json": bytes}`` in that member order.
+
+    Raises:
+        SampleError: an unreadable original or gradient file, or a gradient label of the wrong size or depth.
+    """
+    from birefnet.data.io import ImageReadError, load_image, load_mask
+
+    entry = task.entry
+    where = f"set {entry['set']!r}, key {entry['key']!r}"
+    try:
+        image = load_image(entry["image"], options.max_pixels)
+        mask = load_mask(entry["mask"], options.max_pixels)
+    except ImageReadError as exc:
+        raise SampleError(f"{where}: {exc}") from None
+    if image.shape[:2] != mask.shape[:2]:
+        raise SampleError(f"{where}: image {entry['image']} is {image.shape[1]}x{image.shape[0]} but mask "
+                          f"{entry['mask']} is {mask.shape[1]}x{mask.shape[0]}")
+    height, width = mask.shape[:2]
+    original_mask_png = encode_png(mask, options.png_compression) if task.original_mask else None
+    if options.size is not None and (width, height) != tuple(options.size):
+        image = cv2.resize(image, tuple(options.size), interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, tuple(options.size), interpolation=cv2.INTER_LINEAR)
+    key = sample_key(entry["set"], task.index)
+    sample: dict[str, Any] = {"__key__": key}
+    sample[f"image.{options.image_format}"] = encode_image(image, options.image_format, options.quality,
+                                                           options.png_compression)
+    sample["mask.png"] = encode_png(mask, options.png_compression)
+    if task.gradient_path is not None:
+        try:
+            data = Path(task.gradient_path).read_bytes()
+            gw, gh, depth, colour = png_header(data)
+        except (OSError, ValueError) as exc:
+            raise SampleError(f"{where}: gradient label {task.gradient_path}: {exc} (run `birefnet gradients`)") \
+                from None
+        if depth != 16 or colour != 0:
+            raise SampleError(f"{where}: gradient label {task.gradient_path} must be a 16-bit gray PNG, got bit "
+                              f"depth {depth}, colour type {colour}")
+        if options.gradient_size is not None and (gw, gh) != tuple(options.gradient_size):
+            raise SampleError(f"{where}: gradient label {task.gradient_path} is {gw}x{gh}, expected the training "
+                              f"size {options.gradient_size[0]}x{options.gradient_size[1]} (data.size); rerun "
+                              "`birefnet gradients`")
+        sample["gradient.png"] = data
+    if original_mask_png is not None:
+        sample["mask_original.png"] = original_mask_png
+    meta = {
+        "set": entry["set"],
+        "split": entry.get("split"),
+        "key": entry["key"],
+        "index": task.index,
+        "class_name": entry.get("class_name"),
+        "class_id": int(entry.get("class_id", -1) if entry.get("class_id") is not None else -1),
+        "width": width,
+        "height": height,
+        "image": str(entry["image"]),
+        "mask": str(entry["mask"]),
+        "image_sha256": entry.get("image_sha256"),
+        "mask_sha256": entry.get("mask_sha256"),
+        "gradient": task.gradient_path,
+    }
+    sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return sample

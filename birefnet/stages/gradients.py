@@ -1,0 +1,136 @@
+"""``gradients`` stage: precompute outward-reference gradient labels at the training resolution.
+
+Reads ``<data.prepared>/manifest.jsonl``, ``data.size``, ``gradients.mode``; writes
+``<gradients.out>/<set>/<key>.png`` (16-bit, see :mod:`birefnet.data.gradients`) and ``index.json``.
+With ``gradients.mode: on_the_fly`` only ``index.json`` is written and training computes labels itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+from tqdm import tqdm
+
+from birefnet.config import Params
+from birefnet.data.gradients import GRADIENT_OFFSET, GRADIENT_SCALE, encode_gradient, gradient_label
+from birefnet.data.io import ImageReadError, load_image
+from birefnet.stages.common import StageInputError, add_params_args, run_stage
+
+log = logging.getLogger("birefnet.gradients")
+
+
+def read_manifest(prepared: Path) -> list[dict[str, Any]]:
+    """Records of ``<prepared>/manifest.jsonl``; a clear error when it is missing or malformed."""
+    path = Path(prepared) / "manifest.jsonl"
+    if not path.is_file():
+        raise StageInputError(f"{path} not found: run the ingest stage first (birefnet ingest)")
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageInputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        for key in ("set", "key", "image"):
+            if key not in rec:
+                raise StageInputError(f"{path}:{lineno}: record has no {key!r} field")
+        records.append(rec)
+    return records
+
+
+def gradient_path(out: Path, set_name: str, key: str) -> Path:
+    """Where the label of one sample is stored."""
+    return Path(out) / set_name / f"{key}.png"
+
+
+def _one(job: tuple[str, str, int, int, int]) -> str | None:
+    image_path, target, width, height, max_pixels = job
+    try:
+        image = load_image(image_path, max_pixels)
+    except ImageReadError as exc:
+        return str(exc)
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    ok, png = cv2.imencode(".png", encode_gradient(gradient_label(resized)), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        return f"{image_path}: OpenCV could not encode the gradient label"
+    Path(target).write_bytes(png.tobytes())
+    return None
+
+
+def compute_gradients(params: Params, progress: bool = True) -> int:
+    """Write every label; return the number written."""
+    records = read_manifest(params.data.prepared)
+    out = Path(params.gradients.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    width, height = params.data.size
+    jobs = []
+    if params.gradients.mode == "precomputed":
+        for rec in records:
+            target = gradient_path(tmp, rec["set"], rec["key"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((rec["image"], str(target), width, height, params.data.max_image_pixels))
+    errors: list[str] = []
+    bar = tqdm(total=len(jobs), desc="gradients", unit="img", disable=not progress)
+    workers = max(1, params.data.workers)
+    if workers > 1 and len(jobs) > 8:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for err in pool.map(_one, jobs, chunksize=8):
+                if err:
+                    errors.append(err)
+                bar.update()
+    else:
+        for job in jobs:
+            if err := _one(job):
+                errors.append(err)
+            bar.update()
+    bar.close()
+    if errors:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StageInputError(f"{len(errors)} image(s) in the manifest could not be read (changed since ingest?): "
+                              + "; ".join(errors[:10]))
+    index = {
+        "mode": params.gradients.mode,
+        "size": [width, height],
+        "count": len(jobs),
+        "encoding": {"format": "png16", "value": f"uint16 / {GRADIENT_SCALE:g} - {GRADIENT_OFFSET / GRADIENT_SCALE:g}"},
+        "definition": "5x5 normalised Laplacian (reflect-101) of the channel mean of the ImageNet-normalised image",
+    }
+    (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return len(jobs)
+
+
+def _run(params: Params, args: argparse.Namespace) -> None:
+    n = compute_gradients(params, progress=not args.quiet)
+    if params.gradients.mode == "precomputed":
+        log.info("wrote %d gradient labels at %dx%d to %s", n, *params.data.size, params.gradients.out)
+    else:
+        log.info("gradients.mode is on_the_fly: no labels precomputed (index only) in %s", params.gradients.out)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="birefnet gradients",
+        description="Precompute the outward-reference gradient labels (Laplacian of the normalised gray image, "
+                    "at data.size) for every sample in the manifest, as 16-bit PNGs under gradients.out.")
+    return add_params_args(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return run_stage("gradients", _run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

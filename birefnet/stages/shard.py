@@ -1,0 +1,201 @@
+"""``shard`` stage: pack the prepared dataset into WebDataset tar shards, one folder per split.
+
+Reads ``<data.prepared>/manifest.jsonl`` (the ingest stage's accepted samples), the original images and masks it
+points to and, with ``gradients.mode: precomputed``, the gradient labels ``<gradients.out>/<set>/<key>.png``.
+Writes ``<shard.out>/<split>/<set>-%06d.tar`` and ``<shard.out>/<split>/index.json`` (shards, sample counts,
+sha256). Samples of a set are written in the order of their manifest key, encoded by ``data.workers`` processes.
+
+Usage::
+
+    python -m birefnet.stages.shard --params params.yaml [--set shard.max_samples=128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from birefnet.config import Params
+from birefnet.data.shards import (
+    INDEX_NAME,
+    AtomicShardWriter,
+    EncodeOptions,
+    SampleError,
+    SampleTask,
+    SplitIndex,
+    clean_split_folder,
+    encode_sample,
+    safe_name,
+    write_atomic,
+)
+from birefnet.stages.common import StageInputError, add_params_args, run_stage
+
+log = logging.getLogger("birefnet.shard")
+
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """Manifest entries, one per line.
+
+    Raises:
+        StageInputError: missing file or a line that is not a JSON object with the required fields.
+    """
+    if not path.is_file():
+        raise StageInputError(f"{path}: manifest not found (run `birefnet ingest` first)")
+    entries = []
+    required = ("set", "key", "image", "mask")
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageInputError(f"{path}:{number}: not JSON ({exc})") from None
+            missing = [k for k in required if k not in entry] if isinstance(entry, dict) else list(required)
+            if missing:
+                raise StageInputError(f"{path}:{number}: missing field(s) {missing}")
+            entries.append(entry)
+    return entries
+
+
+def group_entries(entries: list[dict[str, Any]], params: Params) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """split -> set -> entries sorted by key; sets outside every split are left out (logged).
+
+    Raises:
+        StageInputError: duplicate keys in a set, or two set names that map to the same shard name.
+    """
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for entry in entries:
+        split = entry.get("split") or params.data.split_of(entry["set"])
+        if split is None:
+            continue
+        grouped.setdefault(split, {}).setdefault(entry["set"], []).append(entry)
+    for split, sets in grouped.items():
+        seen: dict[str, str] = {}
+        for set_name, items in sets.items():
+            if safe_name(set_name) in seen:
+                raise StageInputError(f"sets {seen[safe_name(set_name)]!r} and {set_name!r} both map to shard "
+                                      f"name {safe_name(set_name)!r}")
+            seen[safe_name(set_name)] = set_name
+            items.sort(key=lambda e: e["key"])
+            for a, b in zip(items, items[1:], strict=False):
+                if a["key"] == b["key"]:
+                    raise StageInputError(f"set {set_name!r}: key {a['key']!r} appears twice in the manifest")
+    unused = sorted({e["set"] for e in entries} - {s for sets in grouped.values() for s in sets})
+    if unused:
+        log.info("sets not in data.train_sets/val_sets/test_sets, not sharded: %s", unused)
+    return grouped
+
+
+def _encode(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
+    try:
+        return encode_sample(task, options)
+    except SampleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure is reported with the sample's name
+        raise SampleError(f"set {task.entry['set']!r}, key {task.entry['key']!r}: {type(exc).__name__}: {exc}") \
+            from None
+
+
+def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
+    """Shard every split of the manifest.
+
+    Args:
+        params: the whole params (reads ``data``, ``gradients``, ``shard``).
+        quiet: no progress bar.
+
+    Returns:
+        split -> the index written to ``<shard.out>/<split>/index.json``.
+
+    Raises:
+        StageInputError: missing/invalid manifest, unreadable originals or gradient labels (named).
+    """
+    shard = params.shard
+    entries = read_manifest(Path(params.data.prepared) / "manifest.jsonl")
+    grouped = group_entries(entries, params)
+    if not grouped:
+        raise StageInputError(f"{params.data.prepared}/manifest.jsonl has no sample of a train/val/test set")
+    with_gradient = params.gradients.mode == "precomputed"
+    size = tuple(params.data.size)
+    options = EncodeOptions(size=size if shard.resize else None, image_format=shard.image_format,
+                            quality=shard.quality, png_compression=shard.png_compression,
+                            gradient_size=size, max_pixels=params.data.max_image_pixels)
+    out = Path(shard.out)
+    total = sum(len(items) for sets in grouped.values() for items in sets.values())
+    log.info("sharding %d samples (%s) into %s with %d worker(s)", total,
+             ", ".join(f"{s}: {sum(len(v) for v in grouped[s].values())}" for s in SPLITS if s in grouped),
+             out, max(1, params.data.workers))
+    # Readers enter through index.json: remove every index first so an interrupted run leaves none behind.
+    for split in SPLITS:
+        (out / split / INDEX_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        if split not in grouped and (out / split).is_dir():
+            clean_split_folder(out / split)
+
+    indexes: dict[str, SplitIndex] = {}
+    encode = functools.partial(_encode, options=options)
+    pool = multiprocessing.Pool(params.data.workers) if params.data.workers > 1 else None
+    try:
+        with tqdm(total=total, unit="sample", desc="shard", disable=quiet) as bar:
+            for split in SPLITS:
+                if split not in grouped:
+                    continue
+                folder = out / split
+                clean_split_folder(folder)
+                index = SplitIndex(split=split, size=list(size) if shard.resize else None,
+                                   image_ext=f"image.{shard.image_format}", gradient=with_gradient,
+                                   original_mask=split in shard.original_masks)
+                for set_name, items in grouped[split].items():
+                    tasks = [SampleTask(entry=e, index=i,
+                                        gradient_path=str(Path(params.gradients.out) / e["set"] / f"{e['key']}.png")
+                                        if with_gradient else None,
+                                        original_mask=index.original_mask)
+                             for i, e in enumerate(items)]
+                    results: Iterator[dict[str, Any]] = (pool.imap(encode, tasks, chunksize=2) if pool is not None
+                                                         else map(encode, tasks))
+                    with AtomicShardWriter(folder, set_name, shard.max_samples, shard.max_bytes) as writer:
+                        for sample in results:
+                            writer.write(sample)
+                            bar.update(1)
+                    shards = writer.shards
+                    index.sets[set_name] = {"samples": len(items), "shards": [vars(s) for s in shards]}
+                    log.info("%s/%s: %d samples in %d shard(s), %.1f MiB", split, set_name, len(items), len(shards),
+                             sum(s.bytes for s in shards) / 2**20)
+                keep = [s["file"] for v in index.sets.values() for s in v["shards"]]
+                clean_split_folder(folder, keep=keep)
+                write_atomic(folder / INDEX_NAME, index.to_json())
+                indexes[split] = index
+    except SampleError as exc:
+        raise StageInputError(str(exc)) from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return indexes
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser for ``birefnet shard``."""
+    parser = argparse.ArgumentParser(prog="birefnet shard", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_params_args(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stage; returns the exit code (0 ok, 2 bad params, 3 bad input)."""
+    args = get_args_parser().parse_args(argv)
+    return run_stage("shard", lambda params, a: run(params, quiet=a.quiet), args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from birefnet.config import Params, ParamsError, load_params
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return p
+
+
+def test_repository_params_load(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.size[0] % 32 == 0
+
+
+def test_defaults_are_valid() -> None:
+    Params()
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragments"),
+    [
+        ({"data": {"sizee": [256, 256]}}, ["data.sizee", "no such key", "given [256, 256]"]),
+        ({"data": {"size": "big"}}, ["data.size", "given 'big'"]),
+        ({"data": {"size": [250, 256]}}, ["data.size", "multiples of 32", "[250, 256]"]),
+        ({"data": {"on_bad_sample": "drop"}}, ["data.on_bad_sample", "'fail'", "'quarantine'", "given 'drop'"]),
+        ({"data": {"synthetic": {"jpeg_quality": 101}}}, ["data.synthetic.jpeg_quality", "<= 100", "given 101"]),
+        ({"data": {"synthetic": {"counts": {"DIS-TR": 0}}}}, ["data.synthetic.counts.DIS-TR", "> 0", "given 0"]),
+        ({"data": {"synthetic": {"min_side": 500, "max_side": 300}}}, ["min_side (500)", "max_side (300)"]),
+        ({"data": {"val_sets": ["DIS-TR"]}}, ["'DIS-TR'", "train_sets", "val_sets"]),
+        ({"gradients": {"mode": "lazy"}}, ["gradients.mode", "given 'lazy'"]),
+        ({"bogus": 1}, ["bogus", "no such key"]),
+    ],
+)
+def test_invalid_params_name_key_expected_and_given(tmp_path: Path, doc: dict, fragments: list[str]) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, doc))
+    msg = str(info.value)
+    assert str(tmp_path / "params.yaml") in msg
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, {"data": {"size": [1, 2], "workers": -1, "nope": 3}}))
+    msg = str(info.value)
+    assert "3 invalid parameter(s)" in msg
+    assert "data.workers" in msg and "data.nope" in msg and "data.size" in msg
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed", encoding="utf-8")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="mapping at the top level"):
+        load_params(listy)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
+    p = write(tmp_path, {})
+    params = load_params(p, ["data.size=[512, 384]", "data.on_bad_sample=fail", "data.synthetic.seed=7"])
+    assert params.data.size == (512, 384)
+    assert params.data.on_bad_sample == "fail"
+    assert params.data.synthetic.seed == 7
+    with pytest.raises(ParamsError, match=r"data\.size.*given \[500, 384\]"):
+        load_params(p, ["data.size=[500, 384]"])
+    with pytest.raises(ParamsError, match="expected KEY.PATH=VALUE"):
+        load_params(p, ["data.size"])
+    with pytest.raises(ParamsError, match="no such key"):
+        load_params(p, ["data.sise=[256,256]"])
+
+
+def test_params_are_frozen() -> None:
+    params = Params()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError for frozen instances
+        params.data.size = (64, 64)  # type: ignore[misc]
+
+
+def test_cli_rejects_bad_params_with_exit_code_2_before_work(tmp_path: Path, venv_bin: Path) -> None:
+    out = tmp_path / "synthetic"
+    p = write(tmp_path, {"data": {"synthetic": {"out": str(out), "counts": {"DIS-TR": 1}, "jpeg_quality": 5}}})
+    proc = subprocess.run([str(venv_bin / "birefnet"), "synthesize", "--params", str(p)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "data.synthetic.jpeg_quality" in proc.stderr and "given 5" in proc.stderr
+    assert not out.exists()
+    proc = subprocess.run([str(venv_bin / "birefnet"), "ingest", "--params", str(p), "--set", "data.size=[3,3]"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.size" in proc.stderr
+
+
+def _leaf_exists(doc: dict, dotted: str) -> bool:
+    node = doc
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_dvc_yaml_params_exist_in_params_yaml(repo_root: Path) -> None:
+    params = yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8"))
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    listed = 0
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            assert isinstance(key, str), f"stage {name}: params entries must be leaf key strings"
+            assert _leaf_exists(params, key), f"stage {name} lists {key!r}, missing in params.yaml"
+            listed += 1
+    assert listed > 0
+
+
+def test_cli_help_lists_every_stage(venv_bin: Path) -> None:
+    proc = subprocess.run([str(venv_bin / "birefnet"), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("synthesize", "ingest", "gradients", "shard", "train", "evaluate", "register"):
+        assert cmd in proc.stdout
+    for stage in ("synthesize", "ingest", "gradients"):
+        proc = subprocess.run([sys.executable, "-m", "birefnet.cli", stage, "--help"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "--params" in proc.stdout and "--set" in proc.stdout
+    proc = subprocess.run([str(venv_bin / "birefnet"), "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown command" in proc.stderr
