@@ -13,7 +13,6 @@ export PATH := $(BIN):$(PATH)
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip==25.3 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import birefnet, torch, timm, ray, mlflow, prefect, dvc, webdataset"
 	touch $@

@@ -80,7 +80,7 @@ def group_entries(entries: list[dict[str, Any]], params: Params) -> dict[str, di
         if split is None:
             continue
         grouped.setdefault(split, {}).setdefault(entry["set"], []).append(entry)
-    for split, sets in grouped.items():
+    for sets in grouped.values():
         seen: dict[str, str] = {}
         for set_name, items in sets.items():
             if safe_name(set_name) in seen:

@@ -1,0 +1,487 @@
+"""Salient-object / dichotomous-segmentation metrics, equal to PySODMetrics, computed from histograms.
+
+The suite the BiRefNet paper (Zheng et al., "Bilateral Reference for High-Resolution Dichotomous Image
+Segmentation", CAAI AIR 2024) reports on DIS5K: S-measure (Fan et al., ICCV 2017), max/mean/adaptive
+F-measure (Achanta et al., CVPR 2009, beta^2 = 0.3), weighted F-measure (Margolin et al., CVPR 2014),
+max/mean/adaptive E-measure (Fan et al., IJCAI 2018), MAE, and the DIS human correction effort HCE_gamma
+(Qin et al., ECCV 2022; see :mod:`birefnet.evaluation.hce`).
+
+Conventions follow PySODMetrics (``py_sod_metrics``), which the tests use as the oracle:
+
+* The prediction is 8-bit. It is resized to the ground truth's size with OpenCV bilinear, divided by 255 and
+  min-max normalised per image unless constant. The ground truth is binarised at ``> 128``.
+* F- and E-curves have 256 thresholds over ``uint8(p * 255)``; the dataset max/mean F and E are the max/mean
+  of the image-averaged curve, not the mean of per-image maxima. Adaptive thresholds are ``min(2 mean(p), 1)``.
+
+Why this is fast: every pixel of a normalised prediction takes one of at most 256 values, so all of S, F, E
+and MAE are computed exactly from four per-quadrant 512-bin histograms (8-bit value x GT class) and a
+256-entry value table built with the very float operations PySODMetrics applies per pixel. Weighted F only
+needs the nearest-foreground error in a 3-pixel band around the foreground and a separable Gaussian.
+
+One deliberate difference: where PySODMetrics' S-measure returns NaN (all foreground in the last row or
+column makes a quadrant empty: ``nan * 0``), an empty quadrant contributes 0 here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy.ndimage import distance_transform_edt
+
+from birefnet.evaluation.hce import relax_hce
+
+EPS = float(np.spacing(1))  # MATLAB's eps, as the reference implementations use it
+F_BETA2 = 0.3
+WF_BETA = 1.0
+S_ALPHA = 0.5
+NUM_THRESHOLDS = 256
+GT_THRESHOLD = 128
+
+METRIC_KEYS: tuple[str, ...] = ("Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE", "HCE")
+
+
+def _gauss_1d(size: int = 7, sigma: float = 5.0) -> np.ndarray:
+    """1-D factor of MATLAB ``fspecial('gaussian', size, sigma)``: the 2-D kernel is its outer product."""
+    half = (size - 1) / 2
+    x = np.arange(-half, half + 1)
+    g = np.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+_WF_KERNEL = _gauss_1d()
+_BAND_KERNEL = np.ones((7, 7), np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# input handling
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Return an 8-bit grey map.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)`` (first channel used). uint8 is returned as is; bool maps to 0/255;
+            float is read as [0, 1], clipped and scaled by 255 with truncation, as the upstream prediction
+            writer (``ToPILImage``) does; other integer types are clipped to [0, 255].
+
+    Returns:
+        ``(H, W)`` uint8 array.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == bool:
+        return image.astype(np.uint8) * 255
+    if np.issubdtype(image.dtype, np.floating):
+        return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def binarize_gt(gt: np.ndarray) -> np.ndarray:
+    """Binarise a ground truth at ``> 128`` on its 8-bit values (bool passes through).
+
+    Args:
+        gt: ``(H, W)`` map, any dtype accepted by :func:`to_uint8`.
+
+    Returns:
+        ``(H, W)`` bool mask.
+    """
+    gt = np.asarray(gt)
+    if gt.dtype == bool and gt.ndim == 2:
+        return gt
+    return to_uint8(gt) > GT_THRESHOLD
+
+
+def resize_to(pred: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize an 8-bit prediction to ``shape = (H, W)`` with OpenCV bilinear (no-op when equal)."""
+    if pred.shape[:2] == tuple(shape):
+        return pred
+    return cv2.resize(pred, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def _value_table(pred: np.ndarray) -> np.ndarray:
+    """Per 8-bit value, the normalised prediction ``p`` exactly as PySODMetrics computes it per pixel.
+
+    Args:
+        pred: ``(H, W)`` uint8 prediction.
+
+    Returns:
+        ``(256,)`` float64; entries of values absent from ``pred`` are meaningless but finite.
+    """
+    lo, hi = int(pred.min()), int(pred.max())
+    table = np.arange(256) / 255
+    if lo != hi:
+        mn, mx = lo / 255, hi / 255
+        table = (table - mn) / (mx - mn)
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-image scores
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """All metrics of one prediction/ground-truth pair.
+
+    Curves are indexed by threshold ``t`` in ``0..255`` (binarisation ``uint8(p * 255) >= t``).
+
+    Attributes:
+        sm: S-measure.
+        mae: mean absolute error.
+        wfm: weighted F-measure (0 for an empty ground truth).
+        adp_fm: adaptive F-measure.
+        adp_em: adaptive E-measure.
+        hce: relax HCE_gamma, or None when not computed.
+        precision: ``(256,)`` float64.
+        recall: ``(256,)`` float64.
+        fm_curve: ``(256,)`` float64 F-measure per threshold.
+        em_curve: ``(256,)`` float64 E-measure per threshold.
+    """
+
+    sm: float
+    mae: float
+    wfm: float
+    adp_fm: float
+    adp_em: float
+    hce: float | None
+    precision: np.ndarray = field(repr=False)
+    recall: np.ndarray = field(repr=False)
+    fm_curve: np.ndarray = field(repr=False)
+    em_curve: np.ndarray = field(repr=False)
+
+
+class _Stats:
+    """Histogram statistics of one pair: everything but weighted F and HCE derives from these."""
+
+    def __init__(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        h, w = gt.shape
+        self.pred, self.gt = pred, gt
+        self.size = h * w
+        self.table = _value_table(pred)
+        self.n_fg = int(np.count_nonzero(gt))
+        # code = 8-bit value + 256 * gt, histogrammed per S-measure quadrant; the image histogram is their sum
+        code = pred.astype(np.uint16)
+        code[gt] += 256
+        self.center = self._centroid()
+        cy, cx = self.center
+        self.quadrants: list[tuple[float, np.ndarray]] = []
+        for rows, cols in ((slice(0, cy), slice(0, cx)), (slice(0, cy), slice(cx, w)),
+                           (slice(cy, h), slice(0, cx)), (slice(cy, h), slice(cx, w))):
+            part = code[rows, cols]
+            hist = np.bincount(part.ravel(), minlength=512).reshape(2, 256) if part.size else np.zeros((2, 256), int)
+            self.quadrants.append((part.size, hist))
+        self.hist = sum(q[1] for q in self.quadrants)  # (2, 256): [gt bg, gt fg] x 8-bit value
+        self.present = self.hist.sum(axis=0) > 0
+
+    def _centroid(self) -> tuple[int, int]:
+        h, w = self.gt.shape
+        if self.n_fg == 0:
+            cy, cx = np.round(h / 2), np.round(w / 2)
+        else:
+            rows = np.count_nonzero(self.gt, axis=1)
+            cols = np.count_nonzero(self.gt, axis=0)
+            cy = np.round((rows @ np.arange(h)) / self.n_fg)
+            cx = np.round((cols @ np.arange(w)) / self.n_fg)
+        # MATLAB's 1-based split: the upper-left quadrant includes the centroid row and column
+        return int(cy) + 1, int(cx) + 1
+
+    def mean_pred(self) -> float:
+        """``mean(p)``; recomputed per pixel when the adaptive threshold lands within rounding of a value."""
+        counts = self.hist.sum(axis=0)
+        mean = float(counts @ self.table) / self.size
+        used = self.table[self.present]
+        if np.any(np.abs(used - 2 * mean) <= 1e-9) or abs(2 * mean - 1) <= 1e-9:
+            mean = float(self.table[self.pred].mean())
+        return mean
+
+
+def _s_object(count: np.ndarray, values: np.ndarray) -> float:
+    n = int(count.sum())
+    mean = float(count @ values) / n
+    std = float(np.sqrt(count @ (values - mean) ** 2 / (n - 1))) if n > 1 else 0.0
+    return 2 * mean / (mean * mean + 1 + std + EPS)
+
+
+def _ssim(size: int, hist: np.ndarray, table: np.ndarray) -> float:
+    counts = hist.sum(axis=0)
+    n_fg = int(hist[1].sum())
+    x = float(counts @ table) / size
+    y = n_fg / size
+    dx = table - x
+    denom = size - 1 + EPS
+    sigma_x = float(counts @ (dx * dx)) / denom
+    sigma_y = (n_fg * (1 - y) ** 2 + (size - n_fg) * y * y) / denom
+    sigma_xy = float(hist[1] @ dx * (1 - y) - hist[0] @ dx * y) / denom
+    alpha = 4 * x * y * sigma_xy
+    beta = (x * x + y * y) * (sigma_x + sigma_y)
+    if alpha != 0:
+        return alpha / (beta + EPS)
+    return 1.0 if beta == 0 else 0.0
+
+
+def _s_measure(stats: _Stats) -> float:
+    table = stats.table
+    y = stats.n_fg / stats.size
+    if stats.n_fg == 0:
+        return 1 - float(stats.hist.sum(axis=0) @ table) / stats.size
+    if stats.n_fg == stats.size:
+        return float(stats.hist.sum(axis=0) @ table) / stats.size
+    fg_score = _s_object(stats.hist[1], table) * y
+    bg_score = _s_object(stats.hist[0], 1 - table) * (1 - y)
+    object_score = fg_score + bg_score
+    h, w = stats.gt.shape
+    cy, cx = stats.center
+    area = h * w
+    w_lt = cx * cy / area
+    w_rt = cy * (w - cx) / area
+    w_lb = (h - cy) * cx / area
+    weights = (w_lt, w_rt, w_lb, 1 - w_lt - w_rt - w_lb)
+    region_score = sum(wt * _ssim(size, hist, table) for wt, (size, hist) in zip(weights, stats.quadrants, strict=True)
+                       if size)
+    return max(0.0, object_score * S_ALPHA + region_score * (1 - S_ALPHA))
+
+
+def _threshold_counts(stats: _Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels with ``uint8(p * 255) >= t`` inside GT foreground and background, for t = 0..255: two (256,)."""
+    quantised = (stats.table * 255).astype(np.uint8)
+    fg = np.bincount(quantised, weights=stats.hist[1], minlength=256)
+    bg = np.bincount(quantised, weights=stats.hist[0], minlength=256)
+    fg_ge = np.cumsum(fg[::-1])[::-1]
+    bg_ge = np.cumsum(bg[::-1])[::-1]
+    return fg_ge.astype(np.int64), bg_ge.astype(np.int64)
+
+
+def _f_curves(stats: _Stats, fg_ge: np.ndarray, bg_ge: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tps = fg_ge
+    ps = fg_ge + bg_ge
+    ps[ps == 0] = 1
+    t = max(stats.n_fg, 1)
+    precision = tps / ps
+    recall = tps / t
+    numerator = (1 + F_BETA2) * precision * recall
+    denominator = np.where(numerator == 0, 1, F_BETA2 * precision + recall)
+    return precision, recall, numerator / denominator
+
+
+def _adaptive(stats: _Stats) -> tuple[int, int]:
+    """(TP, FP) of the adaptive binarisation ``p >= min(2 mean(p), 1)``."""
+    threshold = min(2 * stats.mean_pred(), 1)
+    keep = stats.table >= threshold
+    return int(stats.hist[1][keep].sum()), int(stats.hist[0][keep].sum())
+
+
+def _adaptive_f(stats: _Stats, tp: int, fp: int) -> float:
+    if tp == 0:
+        return 0.0
+    precision = tp / (tp + fp)
+    recall = tp / stats.n_fg
+    return (1 + F_BETA2) * precision * recall / (F_BETA2 * precision + recall)
+
+
+def _e_measure(stats: _Stats, fg_fg: np.ndarray | int, fg_bg: np.ndarray | int) -> np.ndarray | float:
+    """Enhanced-alignment measure from the counts of predicted foreground in GT fg/bg (scalars or curves)."""
+    size, gt_fg = stats.size, stats.n_fg
+    pred_fg = fg_fg + fg_bg
+    pred_bg = size - pred_fg
+    if gt_fg == 0:
+        enhanced = pred_bg
+    elif gt_fg == size:
+        enhanced = pred_fg
+    else:
+        bg_fg = gt_fg - fg_fg
+        bg_bg = pred_bg - bg_fg
+        mean_pred = pred_fg / size
+        mean_gt = gt_fg / size
+        pred_values = (1 - mean_pred, 0 - mean_pred)
+        gt_values = (1 - mean_gt, 0 - mean_gt)
+        parts = ((fg_fg, 0, 0), (fg_bg, 0, 1), (bg_fg, 1, 0), (bg_bg, 1, 1))
+        enhanced = 0
+        for numel, pi, gi in parts:
+            a, b = pred_values[pi], gt_values[gi]
+            align = 2 * (a * b) / (a * a + b * b + EPS)
+            enhanced = enhanced + (align + 1) ** 2 / 4 * numel
+    return enhanced / (size - 1 + EPS)
+
+
+def _mae(stats: _Stats) -> float:
+    table = stats.table
+    return float(stats.hist[0] @ table + stats.hist[1] @ (1 - table)) / stats.size
+
+
+def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Weighted F-measure (Margolin et al. 2014), beta = 1, as PySODMetrics computes it.
+
+    Args:
+        pred: ``(H, W)`` 8-bit prediction (see :func:`to_uint8`), already at the ground truth's size.
+        gt: ``(H, W)`` ground truth (see :func:`binarize_gt`).
+
+    Returns:
+        The score in [0, 1]; 0 for an empty ground truth.
+    """
+    pred, gt = to_uint8(pred), binarize_gt(gt)
+    return _weighted_fmeasure(pred, gt, _value_table(pred))
+
+
+def _weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, table: np.ndarray) -> float:
+    n_fg = int(np.count_nonzero(gt))
+    if n_fg == 0:
+        return 0.0
+    error = table[pred]  # |p - gt| on the background
+    error[gt] = 1 - error[gt]  # |p - 1| on the foreground
+    background = ~gt
+    # Pixel dependency: a background pixel takes the error of its nearest foreground pixel. Only pixels within
+    # the 7x7 Gaussian's reach of the foreground matter, as the smoothed error is read on the foreground only.
+    distance, (near_y, near_x) = distance_transform_edt(background, return_indices=True)
+    band = cv2.dilate(gt.view(np.uint8), _BAND_KERNEL).view(bool) & background
+    spread = np.where(gt, error, 0.0)
+    spread[band] = error[near_y[band], near_x[band]]
+    smoothed = cv2.sepFilter2D(spread, cv2.CV_64F, _WF_KERNEL, _WF_KERNEL, borderType=cv2.BORDER_CONSTANT)
+    weighted_fg = np.minimum(smoothed[gt], error[gt])
+    # Pixel importance: background errors weighted by 2 - exp(ln(0.5) / 5 * distance to the foreground).
+    wrong_bg = background & (error > 0)
+    weighted_bg = error[wrong_bg] * (2 - np.exp(np.log(0.5) / 5 * distance[wrong_bg]))
+    tp_w = n_fg - weighted_fg.sum()
+    fp_w = weighted_bg.sum()
+    recall = 1 - weighted_fg.mean()
+    precision = tp_w / (tp_w + fp_w + EPS)
+    return float((1 + WF_BETA) * recall * precision / (recall + WF_BETA * precision + EPS))
+
+
+def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageScores:
+    """Score one prediction against its ground truth with the full suite.
+
+    Args:
+        pred: ``(h, w)`` prediction: uint8 in [0, 255], or float in [0, 1] (quantised like the upstream writer,
+            see :func:`to_uint8`). Resized to the ground truth's size with OpenCV bilinear when sizes differ.
+        gt: ``(H, W)`` ground truth: uint8 (binarised at > 128), bool, or float in [0, 1].
+        hce: also compute the DIS human correction effort (the slowest metric).
+
+    Returns:
+        The per-image scores and threshold curves.
+    """
+    gt_raw = np.asarray(gt)
+    gt_mask = binarize_gt(gt_raw)
+    pred8 = resize_to(to_uint8(pred), gt_mask.shape)
+    gt_mask = np.ascontiguousarray(gt_mask)
+    pred8 = np.ascontiguousarray(pred8)
+    stats = _Stats(pred8, gt_mask)
+    fg_ge, bg_ge = _threshold_counts(stats)
+    precision, recall, fm_curve = _f_curves(stats, fg_ge, bg_ge)
+    em_curve = np.asarray(_e_measure(stats, fg_ge, bg_ge), dtype=np.float64)
+    tp, fp = _adaptive(stats)
+    hce_value = float(relax_hce(pred8 > 128, gt_mask).total) if hce else None
+    return ImageScores(
+        sm=float(_s_measure(stats)),
+        mae=_mae(stats),
+        wfm=_weighted_fmeasure(pred8, gt_mask, stats.table),
+        adp_fm=float(_adaptive_f(stats, tp, fp)),
+        adp_em=float(_e_measure(stats, tp, fp)),
+        hce=hce_value,
+        precision=precision,
+        recall=recall,
+        fm_curve=fm_curve,
+        em_curve=em_curve,
+    )
+
+
+def s_measure(pred: np.ndarray, gt: np.ndarray) -> float:
+    """S-measure (alpha = 0.5) of one pair; inputs as in :func:`score_image`."""
+    gt_mask = binarize_gt(gt)
+    return float(_s_measure(_Stats(resize_to(to_uint8(pred), gt_mask.shape), gt_mask)))
+
+
+def mae(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean absolute error of one pair; inputs as in :func:`score_image`."""
+    gt_mask = binarize_gt(gt)
+    return _mae(_Stats(resize_to(to_uint8(pred), gt_mask.shape), gt_mask))
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-set accumulation
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """Metrics of one set of images.
+
+    Attributes:
+        metrics: ``{"n", "Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE", "HCE"}``
+            (``HCE`` only when computed), floats except ``n``.
+        curves: ``{"threshold", "precision", "recall", "fmeasure", "emeasure"}``: ``(256,)`` float64 arrays of
+            the image-averaged curves, by ascending threshold 0..255.
+    """
+
+    metrics: dict[str, float | int]
+    curves: dict[str, np.ndarray] = field(repr=False)
+
+
+class MetricAccumulator:
+    """Collects :class:`ImageScores` of one set and reduces them as PySODMetrics does.
+
+    Scalar metrics are means over images; max/mean F and E come from the image-averaged curves.
+    """
+
+    def __init__(self) -> None:
+        self._scores: list[ImageScores] = []
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def update(self, scores: ImageScores) -> None:
+        """Add one image's scores."""
+        self._scores.append(scores)
+
+    def extend(self, scores: Iterable[ImageScores]) -> None:
+        """Add several images' scores, in order."""
+        self._scores.extend(scores)
+
+    def compute(self) -> SetResult:
+        """Reduce to set metrics and curves; raises ValueError when empty."""
+        if not self._scores:
+            raise ValueError("no images were scored")
+
+        def mean(name: str) -> float:
+            return float(np.mean(np.array([getattr(s, name) for s in self._scores], dtype=np.float64)))
+
+        def curve(name: str) -> np.ndarray:
+            return np.mean(np.array([getattr(s, name) for s in self._scores], dtype=np.float64), axis=0)
+
+        fm, em = curve("fm_curve"), curve("em_curve")
+        metrics: dict[str, float | int] = {
+            "n": len(self._scores),
+            "Sm": mean("sm"),
+            "maxF": float(fm.max()),
+            "meanF": float(fm.mean()),
+            "adpF": mean("adp_fm"),
+            "wF": mean("wfm"),
+            "maxE": float(em.max()),
+            "meanE": float(em.mean()),
+            "adpE": mean("adp_em"),
+            "MAE": mean("mae"),
+        }
+        if all(s.hce is not None for s in self._scores):
+            metrics["HCE"] = mean("hce")
+        curves = {
+            "threshold": np.arange(NUM_THRESHOLDS, dtype=np.float64),
+            "precision": curve("precision"),
+            "recall": curve("recall"),
+            "fmeasure": fm,
+            "emeasure": em,
+        }
+        return SetResult(metrics=metrics, curves=curves)
+
+
+def score_set(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hce: bool = True) -> SetResult:
+    """Score an iterable of ``(pred, gt)`` arrays (see :func:`score_image`) as one set."""
+    accumulator = MetricAccumulator()
+    for pred, gt in pairs:
+        accumulator.update(score_image(pred, gt, hce=hce))
+    return accumulator.compute()

@@ -1,0 +1,90 @@
+"""Model weights in safetensors with the resolved ``model`` params embedded.
+
+``save_model`` writes the state dict and, in the file's metadata, the JSON of the ``ModelParams`` it was
+built from; ``load_model`` rebuilds the same architecture from the file alone (``birefnet.load_model``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from birefnet.config import ModelParams
+from birefnet.models.birefnet import BiRefNet
+from birefnet.models.registry import build_model
+
+#: Metadata key holding the ``ModelParams`` JSON.
+PARAMS_KEY = "birefnet.model_params"
+FORMAT_KEY = "birefnet.format"
+FORMAT_VERSION = "1"
+
+
+def save_model(model: torch.nn.Module, params: ModelParams, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict and ``params`` to a safetensors file.
+
+    Args:
+        model: a ``BiRefNet`` (a DDP/compiled wrapper is unwrapped).
+        params: the ``ModelParams`` the model was built from (embedded as JSON metadata).
+        path: output ``.safetensors`` path (parent folders are created; written atomically).
+        extra: more string metadata (e.g. a git commit).
+
+    Returns:
+        The path written.
+    """
+    model = _unwrap(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # The ImageNet file only matters at first build; the checkpoint carries every weight.
+    resolved = params.model_copy(update={"encoder_weights": None})
+    metadata = {PARAMS_KEY: resolved.model_dump_json(), FORMAT_KEY: FORMAT_VERSION, **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_model_params(path: str | Path) -> ModelParams:
+    """The ``ModelParams`` embedded in a file written by ``save_model``."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if PARAMS_KEY not in metadata:
+        raise ValueError(f"{path}: no {PARAMS_KEY!r} metadata; not written by birefnet save_model")
+    return ModelParams.model_validate(json.loads(metadata[PARAMS_KEY]))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> BiRefNet:
+    """Rebuild a model from a safetensors file written by ``save_model`` (or ``convert-upstream``).
+
+    Args:
+        path: the ``.safetensors`` file.
+        device: where to put the model.
+        **overrides: ``ModelParams`` fields that do not change the weights layout, e.g.
+            ``deform_impl="torchvision"`` or ``gradient_checkpointing=True``.
+
+    Returns:
+        The model in eval mode; ``model(image).logits`` is the ``(B, 1, H, W)`` prediction.
+    """
+    params = read_model_params(path)
+    if overrides:
+        params = ModelParams.model_validate({**params.model_dump(), **overrides})
+    model = build_model(params)
+    state = load_file(str(path), device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module  # type: ignore[assignment]
+        else:
+            return model
