@@ -7,6 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 include offline.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' offline.env)
 export PREFECT_HOME := $(abspath $(PREFECT_HOME))
+export PYTHONPATH := $(abspath $(PYTHONPATH))
 export PATH := $(BIN):$(PATH)
 
 .PHONY: repro test test-fast lint setup clean-data

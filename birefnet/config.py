@@ -238,6 +238,100 @@ class LoaderParams(Frozen):
         return v
 
 
+# --------------------------------------------------------------------------------------------- train
+
+
+class LossWeights(Frozen):
+    """Weights of the loss terms (BiRefNet Sec. 3.4; upstream-spec §6). 0 switches a term off."""
+
+    bce: Annotated[float, Field(ge=0)] = 30.0
+    iou: Annotated[float, Field(ge=0)] = 0.5
+    ssim: Annotated[float, Field(ge=0)] = 10.0
+    mae: Annotated[float, Field(ge=0)] = 0.0
+    ce: Annotated[float, Field(ge=0)] = 5.0
+    gradient: Annotated[float, Field(ge=0)] = 1.0
+
+
+LossTerm = Literal["bce", "iou", "ssim", "mae", "ce", "gradient"]
+
+
+class TrainStageParams(Frozen):
+    """One stage of the training schedule.
+
+    ``decay`` makes upstream's per-epoch in-place weight changes explicit: in the k-th epoch of the stage
+    (k = 1, 2, ...) a term's weight is ``loss.<term> * decay[<term>] ** k``. It is a function of the epoch,
+    so a resume inside the stage gives the same weights.
+    """
+
+    name: str = Field(min_length=1)
+    epochs: PositiveInt
+    lr: Annotated[float, Field(gt=0)] | None = None
+    loss: LossWeights = Field(default_factory=LossWeights)
+    decay: dict[LossTerm, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    supervise: Literal["all", "final"] = "all"
+
+
+def _paper_stages() -> list[TrainStageParams]:
+    return [
+        TrainStageParams(name="main", epochs=780),
+        TrainStageParams(name="finetune_region", epochs=20,
+                         loss=LossWeights(bce=0.0, iou=0.5, ssim=10.0, mae=0.0, ce=5.0, gradient=1.0),
+                         decay={"iou": 0.5, "mae": 0.9}),
+    ]
+
+
+class TrainParams(Frozen):
+    """The ``train`` stage: Ray Train scaling, optimiser, staged schedule, checkpoints."""
+
+    out: Path = Path("models")
+    storage_path: str = "checkpoints"
+    run_name: str | None = None
+    ray_address: str | None = None
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    threads_per_worker: PositiveInt | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.99)
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: NonNegativeInt = 0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    stages: list[TrainStageParams] = Field(default_factory=_paper_stages, min_length=1)
+    seed: int = 7
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    memory_preset: Literal["none", "24gb", "40gb", "80gb"] = "none"
+    checkpoint_every: PositiveInt = 1
+    keep_checkpoints: PositiveInt = 2
+    max_failures: NonNegativeInt = 1
+    val_every: PositiveInt = 1
+    init_from: str | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, v: list[TrainStageParams]) -> list[TrainStageParams]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique, repeated: {dupes}")
+        return v
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+
+class TrackingParams(Frozen):
+    """MLflow tracking. ``MLFLOW_TRACKING_URI`` in the environment overrides ``uri``."""
+
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "birefnet"
+
+
 # ------------------------------------------------------------------------------------------- params
 
 
@@ -249,6 +343,8 @@ class Params(Frozen):
     model: ModelParams = Field(default_factory=ModelParams)
     shard: ShardParams = Field(default_factory=ShardParams)
     loader: LoaderParams = Field(default_factory=LoaderParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PATH_KEYS = ("PREFECT_HOME", "PYTHONPATH")
 
 
 def offline_env(repo: Path = REPO) -> dict[str, str]:
@@ -18,14 +19,18 @@ def offline_env(repo: Path = REPO) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, value = line.split("=", 1)
-        if key == "PREFECT_HOME" and not os.path.isabs(value):
+        if key in PATH_KEYS and not os.path.isabs(value):
             value = str(repo / value)
         env[key] = value
     return env
 
 
 for _k, _v in offline_env().items():
-    os.environ.setdefault(_k, _v)
+    if _k == "PYTHONPATH" and os.environ.get(_k):
+        if _v not in os.environ[_k].split(os.pathsep):
+            os.environ[_k] = _v + os.pathsep + os.environ[_k]
+    else:
+        os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")

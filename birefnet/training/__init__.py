@@ -1,0 +1,1 @@
+"""Training: staged schedule, engine (train_one_epoch / evaluate), checkpoints, Ray Train trainer."""

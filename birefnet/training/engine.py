@@ -1,0 +1,136 @@
+"""One training epoch and one evaluation pass, as plain functions with every dependency passed in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from birefnet.config import LossWeights
+
+log = logging.getLogger("birefnet.train")
+
+#: ``criterion(output, batch, weights, supervise) -> (total, parts)``; parts are detached floats.
+Criterion = Callable[[Any, dict[str, Any], LossWeights, str], tuple[torch.Tensor, dict[str, float]]]
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked for (``auto`` = bf16 on CUDA, fp32 elsewhere); a no-op context otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to(batch: dict[str, Any], key: str, device: torch.device) -> torch.Tensor | None:
+    value = batch.get(key)
+    if value is None or not isinstance(value, torch.Tensor):
+        return None
+    return value.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                    criterion: Criterion, *, device: torch.device, weights: LossWeights, supervise: str, lr: float,
+                    precision: str = "auto", grad_clip: float | None = None,
+                    on_step: Callable[[int, dict[str, float]], None] | None = None,
+                    progress: Any = None) -> dict[str, float]:
+    """Train for one pass of ``loader``.
+
+    Args:
+        model: the model (DDP-wrapped or not), switched to train mode here.
+        loader: yields batches with ``image`` (B, 3, H, W), ``mask`` (B, 1, H, W) in [0, 1], optional
+            ``gradient`` (B, 1, H, W) and ``class_id`` (B,).
+        optimizer: its learning rate is set to ``lr`` for every group.
+        criterion: see :data:`Criterion`.
+        device: where tensors go.
+        weights: loss weights of the active schedule stage.
+        supervise: ``all`` (stage outputs and final) or ``final``.
+        lr: learning rate for this epoch.
+        precision: ``auto``, ``fp32`` or ``bf16`` (forward under autocast; losses in fp32).
+        grad_clip: max global gradient norm, or None.
+        on_step: called after every step with (step, parts).
+        progress: optional tqdm-like object with ``update()``.
+
+    Returns:
+        Means over the epoch: ``loss`` and ``loss_<part>``, plus ``samples``, ``seconds``, ``samples_per_s``.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (with the step number).
+    """
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums: dict[str, float] = {}
+    steps = samples = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        image = _to(batch, "image", device)
+        gradient = _to(batch, "gradient", device)
+        with autocast_for(device, precision):
+            output = model(image, gradient)
+        total, parts = criterion(output, batch, weights, supervise)
+        if not math.isfinite(float(total.detach())):
+            raise FloatingPointError(f"loss is {float(total)} at step {step} (parts: {parts})")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        parts = {"loss": float(total.detach()), **parts}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+        samples += int(image.shape[0])
+        if on_step is not None:
+            on_step(step, parts)
+        if progress is not None:
+            progress.update()
+    seconds = time.perf_counter() - start
+    out = {k if k == "loss" else (k if k.startswith("loss_") else f"loss_{k}"): v / max(1, steps)
+           for k, v in sums.items()}
+    out.update(samples=float(samples), seconds=seconds, samples_per_s=samples / max(seconds, 1e-9))
+    return out
+
+
+def predictions_to_uint8(logits: torch.Tensor) -> np.ndarray:
+    """(B, 1, H, W) logits -> (B, H, W) uint8 probability maps (x255, truncated as upstream saves them)."""
+    probs = torch.sigmoid(logits.float()).clamp_(0, 1)
+    return (probs[:, 0] * 255).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device,
+             precision: str = "auto", hce: bool = False, progress: Any = None) -> dict[str, float]:
+    """Score ``model`` on one exact pass of ``loader`` with the paper's metrics.
+
+    Predictions are compared at the resolution of ``batch["mask_original"]`` when the loader provides it
+    (resized with OpenCV bilinear by the metric code, as upstream), else at the batch's mask resolution.
+
+    Returns:
+        ``{"n", "Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE"}`` (+ ``HCE`` if asked).
+    """
+    from birefnet.evaluation.metrics import MetricAccumulator, score_image
+
+    module = model.module if hasattr(model, "module") else model
+    module.eval()
+    acc = MetricAccumulator()
+    for batch in loader:
+        image = _to(batch, "image", device)
+        with autocast_for(device, precision):
+            logits = module(image).logits
+        preds = predictions_to_uint8(logits)
+        originals = batch.get("mask_original")
+        masks = (batch["mask"][:, 0].float() * 255).round().to(torch.uint8).numpy()
+        for i, pred in enumerate(preds):
+            gt = originals[i] if originals is not None else masks[i]
+            gt = gt.numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)
+            acc.update(score_image(pred, gt.astype(np.uint8), hce=hce))
+        if progress is not None:
+            progress.update()
+    return {k: float(v) for k, v in acc.compute().metrics.items()}

@@ -1,0 +1,116 @@
+"""A real two-node Ray cluster on 127.0.0.1 for tests: a head and a worker node as subprocesses.
+
+Both run in their own process group (``start_new_session``) and are stopped by PID / process group: the
+test never touches Ray processes it did not start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    # children that outlived their leader are still in the group
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.3)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.0) -> Iterator[str]:
+    """Start a head and one worker node on 127.0.0.1; yield the address ``127.0.0.1:PORT``.
+
+    Sets ``RAY_AUTH_TOKEN`` for this process too (token auth is on: head, worker and driver share it).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ)
+    env["RAY_AUTH_TOKEN"] = env.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)
+    os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]
+    head_log = open(workdir / "head.log", "wb")  # noqa: SIM115 - closed below
+    worker_log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={cpus_per_node}", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+    worker = None
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_port(port, timeout, head, workdir / "head.log")
+        worker_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+        worker = subprocess.Popen(
+            [sys.executable, str(HERE / "ray_loopback_node.py"), "start", f"--address={address}",
+             f"--num-cpus={cpus_per_node}", "--disable-usage-stats", "--block"],
+            env=worker_env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+        _wait_nodes(address, 2, timeout, worker, workdir / "worker.log")
+        yield address
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
+        head_log.close()
+        worker_log.close()
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray head exited early ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"ray head did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+def _wait_nodes(address: str, count: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray worker node exited early ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"the cluster at {address} did not reach {count} nodes within {timeout} s")
