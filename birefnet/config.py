@@ -363,8 +363,6 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 def _expected_for(error: dict[str, Any]) -> str:
     kind = error.get("type", "")
     ctx = error.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return "no such key (check the spelling; see params.yaml in the repository for every key)"
     if kind == "literal_error":
         return f"one of {ctx.get('expected')}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -384,7 +382,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = _format_loc(tuple(e["loc"]))
         given = e.get("input")
-        if e.get("type") in ("value_error", "assertion_error"):
+        if e.get("type") == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; params.yaml in the repository lists every "
+                         f"key), given {given!r}")
+        elif e.get("type") in ("value_error", "assertion_error"):
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
             shown = f", given {given!r}" if loc and not isinstance(given, dict) else ""
             lines.append(f"  {loc or '<root>'}: {msg}{shown}")

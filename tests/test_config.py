@@ -29,7 +29,7 @@ def test_defaults_are_valid() -> None:
 @pytest.mark.parametrize(
     ("doc", "fragments"),
     [
-        ({"data": {"sizee": [256, 256]}}, ["data.sizee", "no such key", "given [256, 256]"]),
+        ({"data": {"sizee": [256, 256]}}, ["data.sizee", "unknown key", "given [256, 256]"]),
         ({"data": {"size": "big"}}, ["data.size", "given 'big'"]),
         ({"data": {"size": [250, 256]}}, ["data.size", "multiples of 32", "[250, 256]"]),
         ({"data": {"on_bad_sample": "drop"}}, ["data.on_bad_sample", "'fail'", "'quarantine'", "given 'drop'"]),
@@ -38,7 +38,7 @@ def test_defaults_are_valid() -> None:
         ({"data": {"synthetic": {"min_side": 500, "max_side": 300}}}, ["min_side (500)", "max_side (300)"]),
         ({"data": {"val_sets": ["DIS-TR"]}}, ["'DIS-TR'", "train_sets", "val_sets"]),
         ({"gradients": {"mode": "lazy"}}, ["gradients.mode", "given 'lazy'"]),
-        ({"bogus": 1}, ["bogus", "no such key"]),
+        ({"bogus": 1}, ["bogus", "unknown key"]),
     ],
 )
 def test_invalid_params_name_key_expected_and_given(tmp_path: Path, doc: dict, fragments: list[str]) -> None:
@@ -81,7 +81,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
         load_params(p, ["data.size=[500, 384]"])
     with pytest.raises(ParamsError, match="expected KEY.PATH=VALUE"):
         load_params(p, ["data.size"])
-    with pytest.raises(ParamsError, match="no such key"):
+    with pytest.raises(ParamsError, match="unknown key"):
         load_params(p, ["data.sise=[256,256]"])
 
 

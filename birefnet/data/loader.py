@@ -16,8 +16,9 @@ fewer shards than readers, and uneven shards never starve a rank.
 
 A batch is a dict:
 
-* ``image``: (B, 3, H, W) float32, ImageNet-normalised RGB.
-* ``mask``: (B, 1, H, W) float32 in [0, 1].
+* ``image``: (B, 3, H, W) float32, ImageNet-normalised RGB (uint8 RGB with ``normalize=False``; then
+  :func:`normalize_batch` does it on the device).
+* ``mask``: (B, 1, H, W) float32 in [0, 1] (uint8 0..255 with ``normalize=False``).
 * ``gradient``: (B, 1, H, W) float32 gradient label (only when the shards carry precomputed labels and
   ``with_gradient`` is on).
 * ``class_id``: (B,) int64, -1 when the sample has no class.
@@ -27,6 +28,11 @@ A batch is a dict:
 * ``mask_original``: list of B (H_i, W_i) uint8 tensors at original resolution (evaluation, when the shards
   keep them).
 * ``skipped``: int, samples this worker skipped (``on_decode_error="skip"``) since its previous batch.
+* ``size``: int, B.
+
+Workers send uint8 images and masks; the float conversion happens after the transfer (in the main process, or on
+the GPU with ``normalize=False``): a float32 batch costs four times the shared-memory pages, and page faults on
+fresh buffers, not arithmetic, dominate the normalisation cost at 1024x1024.
 """
 
 from __future__ import annotations
@@ -53,6 +59,35 @@ from birefnet.data.transforms import AugmentConfig, augment_sample, check_gradie
 log = logging.getLogger("birefnet.loader")
 
 Unit = tuple[str, int, int]  # (shard path, first sample, end sample) of a shard's sample range
+
+
+def normalize_batch(batch: dict[str, Any], device: torch.device | str | None = None,
+                    non_blocking: bool = True) -> dict[str, Any]:
+    """Turn a raw batch (``normalize=False``) into the model's input, optionally on a device first.
+
+    Moving uint8 to the GPU and normalising there moves a quarter of the bytes of a float batch.
+
+    Args:
+        batch: ``image`` (B, 3, H, W) uint8 RGB, ``mask`` (B, 1, H, W) uint8 (already float batches pass through).
+        device: where to put the tensors (None: stay where they are).
+        non_blocking: asynchronous copies from pinned memory.
+
+    Returns:
+        The same dict with ``image`` (B, 3, H, W) float32 ImageNet-normalised, ``mask`` (B, 1, H, W) float32 in
+        [0, 1] and every other tensor on ``device``.
+    """
+    out = dict(batch)
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and device is not None:
+            out[name] = value.to(device, non_blocking=non_blocking)
+    image = out["image"]
+    if image.dtype == torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1) * 255.0
+        scale = 1.0 / (torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1) * 255.0)
+        out["image"] = image.to(torch.float32).sub_(mean).mul_(scale)
+    if out["mask"].dtype == torch.uint8:
+        out["mask"] = out["mask"].to(torch.float32).div_(255.0)
+    return out
 
 
 class SampleDecodeError(RuntimeError):
@@ -266,15 +301,13 @@ class ShardStream(IterableDataset):
     # ---------------------------------------------------------------------------------------- batches
     def collate(self, items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
         """Stack decoded samples into the batch dict described in the module docstring."""
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        scale = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         batch: dict[str, Any] = {"size": len(items), "skipped": skipped}
         if not items:
             return batch
-        image = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2).contiguous()
-        batch["image"] = image.to(torch.float32).sub_(mean).mul_(scale)
-        batch["mask"] = torch.from_numpy(np.stack([it["mask"] for it in items])).unsqueeze(1).to(torch.float32) \
-            .div_(255.0)
+        # uint8 crosses the process boundary (a quarter of float32's shared-memory pages); ShardLoader or the
+        # caller's normalize_batch turns it into the model's float input.
+        batch["image"] = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2).contiguous()
+        batch["mask"] = torch.from_numpy(np.stack([it["mask"] for it in items])).unsqueeze(1)
         if self.config.with_gradient:
             batch["gradient"] = torch.from_numpy(np.stack([it["gradient"] for it in items])).unsqueeze(1)
         batch["class_id"] = torch.tensor([int(it["meta"].get("class_id", -1)) for it in items], dtype=torch.int64)
@@ -293,7 +326,9 @@ class ShardStream(IterableDataset):
 
         c = self.config
         if get_worker_info() is not None:
-            cv2.setNumThreads(1)
+            # Sequential OpenCV in workers: one process per core already, and a worker forked from a parent that
+            # used OpenCV's pthreads pool deadlocks on its first parallel call unless the pool is switched off.
+            cv2.setNumThreads(0)
         reader, readers, worker = self._reader()
         counter = [0]
         samples = self._samples(self.units(reader, readers), counter)
@@ -343,8 +378,10 @@ class ShardLoader:
         skipped: samples skipped (``on_decode_error="skip"``) over the loader's life.
     """
 
-    def __init__(self, dataset: ShardStream, num_batches: int, pin_memory: bool, prefetch_factor: int) -> None:
+    def __init__(self, dataset: ShardStream, num_batches: int, pin_memory: bool, prefetch_factor: int,
+                 normalize: bool = True) -> None:
         self.dataset = dataset
+        self.normalize = normalize
         self.num_batches = num_batches
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch_factor = prefetch_factor
@@ -369,7 +406,7 @@ class ShardLoader:
         for batch in loader:
             self.skipped += int(batch["skipped"])
             if batch["size"]:
-                yield batch
+                yield normalize_batch(batch) if self.normalize else batch
         if self.dataset.config.mode == "train":
             self.epoch += 1
 
@@ -382,7 +419,7 @@ def make_train_loader(shard_dir: str | Path, *, size: tuple[int, int], batch_siz
                       augment: AugmentConfig | None = None, shuffle_buffer: int = 128, seed: int = 0,
                       epoch_batches: int | None = None, with_gradient: bool = True, sets: Sequence[str] | None = None,
                       on_decode_error: Literal["fail", "skip"] = "fail", pin_memory: bool = True,
-                      prefetch_factor: int = 2, rank: int | None = None,
+                      prefetch_factor: int = 2, normalize: bool = True, rank: int | None = None,
                       world_size: int | None = None) -> ShardLoader:
     """Training loader over a split folder (``<shard.out>/train``).
 
@@ -403,6 +440,8 @@ def make_train_loader(shard_dir: str | Path, *, size: tuple[int, int], batch_siz
             sample and counts it in ``batch["skipped"]`` / ``loader.skipped``.
         pin_memory: pin batches (only when CUDA is available).
         prefetch_factor: batches prefetched per worker.
+        normalize: yield float ``image``/``mask`` (normalised on the host). False: uint8 ``image`` (B, 3, H, W)
+            and ``mask`` (B, 1, H, W); call :func:`normalize_batch` (batch, device) to normalise on the GPU.
         rank: this rank (default: ``RANK`` env, then torch.distributed, then 0).
         world_size: number of ranks (default: ``WORLD_SIZE`` env, then torch.distributed, then 1).
 
@@ -431,13 +470,14 @@ def make_train_loader(shard_dir: str | Path, *, size: tuple[int, int], batch_siz
                           image_ext=index.image_ext, with_gradient=with_gradient, augment=augment,
                           shuffle_buffer=shuffle_buffer, seed=seed, batches_per_worker=per_worker, rank=rank,
                           world_size=world_size, workers=workers, on_decode_error=on_decode_error)
-    return ShardLoader(ShardStream(config), per_worker * readers_per_rank, pin_memory, prefetch_factor)
+    return ShardLoader(ShardStream(config), per_worker * readers_per_rank, pin_memory, prefetch_factor, normalize)
 
 
 def make_eval_loader(shard_dir: str | Path, set_name: str, *, size: tuple[int, int], batch_size: int,
                      workers: int = 2, with_gradient: bool = False, with_original_mask: bool | None = None,
                      on_decode_error: Literal["fail", "skip"] = "fail", pin_memory: bool = True,
-                     prefetch_factor: int = 2, rank: int | None = None, world_size: int | None = None) -> ShardLoader:
+                     prefetch_factor: int = 2, normalize: bool = True, rank: int | None = None,
+                     world_size: int | None = None) -> ShardLoader:
     """Exact single pass over one set (``<shard.out>/test``, ``"DIS-TE1"``), no augmentation, no shuffle.
 
     Over all ranks and workers every sample is yielded exactly once; each rank's share is a contiguous range of
@@ -468,7 +508,7 @@ def make_eval_loader(shard_dir: str | Path, set_name: str, *, size: tuple[int, i
     first = rank * max(1, workers)
     num_batches = sum(math.ceil((total * (j + 1) // readers - total * j // readers) / batch_size)
                       for j in range(first, first + max(1, workers)))
-    return ShardLoader(ShardStream(config), num_batches, pin_memory, prefetch_factor)
+    return ShardLoader(ShardStream(config), num_batches, pin_memory, prefetch_factor, normalize)
 
 
 def train_loader_from_params(params: Any, split: str = "train", **overrides: Any) -> ShardLoader:

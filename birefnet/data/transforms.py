@@ -112,7 +112,7 @@ def hflip(*arrays: np.ndarray | None) -> list[np.ndarray | None]:
     Returns:
         The flipped arrays, contiguous.
     """
-    return [None if a is None else np.ascontiguousarray(a[:, ::-1]) for a in arrays]
+    return [None if a is None else cv2.flip(a, 1) for a in arrays]
 
 
 def center_crop_resize(arrays: Sequence[np.ndarray | None], crop_w: int, crop_h: int) -> list[np.ndarray | None]:

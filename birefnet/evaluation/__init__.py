@@ -1,4 +1,4 @@
-"""Evaluation: the paper's metric suite (:mod:`.metrics`, :mod:`.hce`) and prediction-folder scoring (:mod:`.folders`)."""
+"""Evaluation: the paper's metrics (:mod:`.metrics`, :mod:`.hce`) and prediction-folder scoring (:mod:`.folders`)."""
 
 from __future__ import annotations
 

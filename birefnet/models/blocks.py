@@ -57,7 +57,9 @@ class ConvBranch(nn.Module):
                 in_channels, out_channels, kernel_size, padding=padding, bias=False, impl=deform_impl
             )
         else:
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+            self.conv = nn.Conv2d(
+                in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
+            )
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,12 @@ KEY_RULES: tuple[tuple[str, Any], ...] = (
 _COMPILED = tuple((re.compile(p), r) for p, r in KEY_RULES)
 
 #: Swin variant by (embed dim, depth of stage 3, window).
-_SWIN_BY_SHAPE = {(96, 6, 7): "swin_v1_t", (96, 18, 7): "swin_v1_s", (128, 18, 12): "swin_v1_b", (192, 18, 12): "swin_v1_l"}
+_SWIN_BY_SHAPE = {
+    (96, 6, 7): "swin_v1_t",
+    (96, 18, 7): "swin_v1_s",
+    (128, 18, 12): "swin_v1_b",
+    (192, 18, 12): "swin_v1_l",
+}
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,7 +172,9 @@ def infer_model_params(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
     params["decoder_inter_channels"] = "fixed" if inter[0] == 64 else "adaptive"
     params["inward_reference"] = "decoder.ipt_blk1.conv1.weight" in keys
     if params["inward_reference"]:
-        params["inward_reference_mode"] = "split" if shape("decoder.ipt_blk5.conv1.weight")[1] == 3 * 32 * 32 else "resize"
+        params["inward_reference_mode"] = (
+            "split" if shape("decoder.ipt_blk5.conv1.weight")[1] == 3 * 32 * 32 else "resize"
+        )
     params["multistage_supervision"] = "decoder.conv_ms_spvn_4.weight" in keys
     params["outward_reference"] = "decoder.gdt_convs_4.0.weight" in keys
     params["auxiliary_classification"] = "cls_head.0.weight" in keys

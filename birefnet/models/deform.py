@@ -7,7 +7,8 @@ receptive fields. Two implementations compute the same function from the same pa
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` (im2col kernel; slow backward on CPU).
 * ``sampling``: bilinear sampling of the input at every kernel tap's shifted position with
   ``F.grid_sample`` (zeros outside the map, like torchvision), the modulation mask multiplied in, and one
-  matmul over (channels x taps). It uses only standard ops, so it also exports to ONNX (GridSample, opset 16).
+  matmul over (channels x taps), run as a 1x1 convolution. It uses only standard ops, so it also
+  exports to ONNX (GridSample, opset 16).
 
 ``auto`` picks the faster one per device (see ``AUTO_IMPL``; measured by ``benchmarks/model_step.py``).
 """
@@ -102,12 +103,11 @@ def sampling_deform_conv2d(
     sampled = sampled.view(batch, channels, taps, out_h, out_w)
     if mask is not None:
         sampled = sampled * mask.view(batch, 1, taps, out_h, out_w).to(sampled.dtype)
-    columns = sampled.view(batch, channels * taps, out_h * out_w)
-    out = torch.matmul(weight.reshape(out_channels, channels * taps).to(columns.dtype), columns)
-    out = out.view(batch, out_channels, out_h, out_w)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1).to(out.dtype)
-    return out
+    # The contraction over (channels x taps) as a 1x1 convolution: same maths as one matmul, but batched
+    # without the transpose copies torch.matmul makes for (O, CK) @ (B, CK, P), forward and backward.
+    columns = sampled.view(batch, channels * taps, out_h, out_w)
+    kernel = weight.reshape(out_channels, channels * taps, 1, 1).to(columns.dtype)
+    return F.conv2d(columns, kernel, None if bias is None else bias.to(columns.dtype))
 
 
 class DeformableConv2d(nn.Module):

@@ -18,7 +18,6 @@ then read through timm's own loader (``weights_only`` torch.load) with timm's ch
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import timm
@@ -228,7 +227,3 @@ def create_encoder(name: str, weights: str | Path | None = None, drop_path_rate:
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(SWIN_VARIANTS)} or a timm model name")
     return TimmEncoder(name, weights, drop_path_rate)
 
-
-def stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
-    """Spatial sizes of the four encoder levels for an input of (height, width)."""
-    return [(math.ceil(height / r), math.ceil(width / r)) for r in REDUCTIONS]

@@ -85,6 +85,8 @@ def gradient_map(image: torch.Tensor, kernel_size: int = LAPLACIAN_KERNEL_SIZE) 
         ``(B, 1, H, W)`` normalised Laplacian (reflect padding) of the channel mean.
     """
     gray = image.mean(dim=1, keepdim=True)
-    kernel = laplacian_kernel(kernel_size).to(device=image.device, dtype=gray.dtype).view(1, 1, kernel_size, kernel_size)
+    kernel = (
+        laplacian_kernel(kernel_size).to(device=image.device, dtype=gray.dtype).view(1, 1, kernel_size, kernel_size)
+    )
     pad = kernel_size // 2
     return F.conv2d(F.pad(gray, (pad, pad, pad, pad), mode="reflect"), kernel)

@@ -24,7 +24,9 @@ FORMAT_KEY = "birefnet.format"
 FORMAT_VERSION = "1"
 
 
-def save_model(model: torch.nn.Module, params: ModelParams, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+def save_model(
+    model: torch.nn.Module, params: ModelParams, path: str | Path, extra: dict[str, str] | None = None
+) -> Path:
     """Write ``model``'s state dict and ``params`` to a safetensors file.
 
     Args:

@@ -97,6 +97,13 @@ def group_entries(entries: list[dict[str, Any]], params: Params) -> dict[str, di
     return grouped
 
 
+def _init_worker() -> None:
+    import cv2
+
+    # A process forked from a parent that used OpenCV's thread pool deadlocks on it: run OpenCV sequentially.
+    cv2.setNumThreads(0)
+
+
 def _encode(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
     try:
         return encode_sample(task, options)
@@ -144,7 +151,7 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
 
     indexes: dict[str, SplitIndex] = {}
     encode = functools.partial(_encode, options=options)
-    pool = multiprocessing.Pool(params.data.workers) if params.data.workers > 1 else None
+    pool = multiprocessing.Pool(params.data.workers, initializer=_init_worker) if params.data.workers > 1 else None
     try:
         with tqdm(total=total, unit="sample", desc="shard", disable=quiet) as bar:
             for split in SPLITS:

@@ -45,7 +45,7 @@ def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
             writer.writerow({k: rec.get(k, "") for k in keys})
 
 
-def run(params: Params, fault: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | None = None) -> dict[str, Any]:
     """Train (or resume) and write the stage outputs; return the summary written to ``train.json``."""
     import mlflow
 
@@ -66,7 +66,8 @@ def run(params: Params, fault: dict[str, Any] | None = None) -> dict[str, Any]:
         items = list(flat.items())
         for i in range(0, len(items), 100):
             client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
-        result = fit(params, data_digest=digest, mlflow_run_id=run_id, tracking_uri=uri, fault=fault)
+        result = fit(params, data_digest=digest, mlflow_run_id=run_id, tracking_uri=uri, fault=fault,
+                     probe_dir=probe_dir)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -56,8 +56,9 @@ def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimi
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: ``params`` (dict), ``cwd``, ``mlflow_run_id``,
-    ``tracking_uri``, optional ``fault`` (test hook: ``{"epoch": E, "step": S, "rank": R, "marker": PATH}``
+    ``tracking_uri``, optional ``probe_dir`` and ``fault`` (test hooks; ``fault``: ``{"epoch": E, "step": S, "rank": R, "marker": PATH}``
     makes that rank's process exit once, mid-epoch, as a crashed worker would)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -150,6 +151,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if "val_Sm" in record and record["val_Sm"] >= best.get("val_Sm", float("-inf")):
             best = {"epoch": epoch, **{k: v for k, v in record.items() if k.startswith("val_")}}
         history.append(record)
+        if config.get("probe_dir"):
+            _write_probe(Path(config["probe_dir"]), rank, epoch, model, ray.get_runtime_context().get_node_id())
         if client is not None:
             from mlflow.entities import Metric
 
@@ -174,6 +177,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(report_metrics, checkpoint=ckpt)
         else:
             ray.train.report(report_metrics, checkpoint=None)
+
+
+def _write_probe(folder: Path, rank: int, epoch: int, model: torch.nn.Module, node_id: str) -> None:
+    """Test hook: record this rank's parameter digest and node after an epoch (DDP sync checks).
+
+    Parameters only: BatchNorm running statistics are per-rank by design (rank 0's are checkpointed).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(name.removeprefix("module.").encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}_epoch{epoch}.json").write_text(
+        json.dumps({"rank": rank, "epoch": epoch, "node": node_id, "params_sha256": digest.hexdigest(),
+                    "pid": os.getpid()}), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -214,7 +232,7 @@ def init_ray(params: Params) -> bool:
 
 
 def fit(params: Params, *, data_digest: str, mlflow_run_id: str | None = None, tracking_uri: str | None = None,
-        fault: dict[str, Any] | None = None) -> TrainResult:
+        fault: dict[str, Any] | None = None, probe_dir: str | None = None) -> TrainResult:
     """Run (or resume) training with Ray Train and return the best checkpoint.
 
     Args:
@@ -223,6 +241,7 @@ def fit(params: Params, *, data_digest: str, mlflow_run_id: str | None = None, t
         mlflow_run_id: run rank 0 logs metrics to (created by the caller), or None.
         tracking_uri: MLflow tracking URI for that run.
         fault: test hook, see :func:`train_loop_per_worker`.
+        probe_dir: test hook: each rank writes its parameter digest and node after every epoch.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -237,7 +256,8 @@ def fit(params: Params, *, data_digest: str, mlflow_run_id: str | None = None, t
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"params": params_to_dict(params), "cwd": str(Path.cwd()),
-                               "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "fault": fault},
+                               "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "fault": fault,
+                               "probe_dir": probe_dir},
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker},
                                          placement_strategy=train.placement_strategy),

@@ -14,7 +14,14 @@ import torch
 from PIL import Image, ImageEnhance
 
 from birefnet.data.gradients import IMAGENET_MEAN, IMAGENET_STD, decode_gradient, encode_gradient
-from birefnet.data.loader import SampleDecodeError, ShardStream, make_eval_loader, make_train_loader, split_units
+from birefnet.data.loader import (
+    SampleDecodeError,
+    ShardStream,
+    make_eval_loader,
+    make_train_loader,
+    normalize_batch,
+    split_units,
+)
 from birefnet.data.shards import AtomicShardWriter, SplitIndex, encode_png, sample_key, write_atomic
 from birefnet.data.transforms import AugmentConfig, augment_sample, enhance
 
@@ -230,3 +237,16 @@ def test_gradient_storage_round_trip() -> None:
     label = _gradient_from(image)
     png = encode_png(encode_gradient(label), 3)
     np.testing.assert_array_equal(decode_gradient(cv2.imdecode(np.frombuffer(png, np.uint8), -1)), label)
+
+
+def test_uint8_batches_normalise_like_float_batches(uneven: tuple[Path, list[str]]) -> None:
+    folder, _ = uneven
+    kwargs = {"size": SIZE, "batch_size": 3, "workers": 0, "rank": 0, "world_size": 1}
+    floats = list(make_eval_loader(folder, "DIS-TR", **kwargs))
+    raw = list(make_eval_loader(folder, "DIS-TR", normalize=False, **kwargs))
+    assert raw[0]["image"].dtype == torch.uint8 and raw[0]["mask"].dtype == torch.uint8
+    for a, b in zip(floats, raw, strict=True):
+        b = normalize_batch(b)
+        assert a["key"] == b["key"]
+        torch.testing.assert_close(a["image"], b["image"])
+        torch.testing.assert_close(a["mask"], b["mask"])

@@ -55,7 +55,8 @@ def write_prepared(root: Path, counts: dict[str, int], size: tuple[int, int] = (
             image = blocky_image(rng, w, h)
             mask = np.where(image[..., 0] > 128, 255, 0).astype(np.uint8)
             image_path, mask_path = raw / set_name / "im" / f"{key}.jpg", raw / set_name / "gt" / f"{key}.png"
-            ok1, enc_image = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            ok1, enc_image = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 92])
             ok2, enc_mask = cv2.imencode(".png", mask)
             assert ok1 and ok2
             image_path.write_bytes(enc_image.tobytes())

@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from evaluation_corpus import make_corpus
 
 from birefnet.evaluation.folders import evaluate_folders, main
 from birefnet.evaluation.metrics import METRIC_KEYS, score_set
+from tests.evaluation.evaluation_corpus import make_corpus
 
 CORPUS = make_corpus(seed=0)[:6]
 

@@ -7,10 +7,10 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from evaluation_corpus import make_corpus
 
 from birefnet.evaluation.hce import HCEParts, missed_skeleton, relax_hce
 from birefnet.evaluation.metrics import score_image
+from tests.evaluation.evaluation_corpus import make_corpus
 
 
 def test_perfect_prediction_costs_nothing() -> None:

@@ -7,7 +7,6 @@ import math
 import cv2
 import numpy as np
 import pytest
-from evaluation_corpus import make_corpus, oracle
 
 from birefnet.evaluation.metrics import (
     METRIC_KEYS,
@@ -18,6 +17,7 @@ from birefnet.evaluation.metrics import (
     to_uint8,
     weighted_fmeasure,
 )
+from tests.evaluation.evaluation_corpus import make_corpus, oracle
 
 TOL = 1e-6
 CORPUS = make_corpus(seed=0)

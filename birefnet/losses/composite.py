@@ -1,0 +1,123 @@
+"""The hybrid loss of BiRefNet (Zheng et al., CAAI AIR 2024), applied as upstream applies it.
+
+``BiRefNetLoss(output, target)`` returns ``(total, parts)``:
+
+* region terms (BCE, IoU, SSIM, optionally MAE) on **every** supervised map (stage logits at strides
+  32/16/8 and the final logits), each resized to the target size (bilinear, ``align_corners=True``);
+  the weighted terms are summed over maps with no per-stage weighting;
+* the auxiliary classification CE when the output carries class logits and labels are given;
+* the outward-reference gradient loss, summed over the three stages.
+
+Weights are explicit constructor arguments; ``PAPER_WEIGHTS`` (BCE 30, IoU 0.5, SSIM 10, CE 5, gradient 1)
+is the main training stage and ``REGION_WEIGHTS`` the region-level-only fine-tuning stage (BCE off).
+Upstream halves the IoU weight every fine-tuning epoch in place; here a stage's weights are constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birefnet.losses.terms import BCELoss, ClassificationLoss, GradientLoss, IoULoss, MAELoss, SSIMLoss
+from birefnet.models.birefnet import BiRefNetOutput
+
+#: Main stage (paper defaults for DIS5K).
+PAPER_WEIGHTS: dict[str, float] = {"bce": 30.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "ce": 5.0, "gradient": 1.0}
+#: Fine-tuning stage: region-level terms only (no pixel-level BCE).
+REGION_WEIGHTS: dict[str, float] = {"bce": 0.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "ce": 5.0, "gradient": 1.0}
+LOSS_PRESETS: dict[str, dict[str, float]] = {"paper": PAPER_WEIGHTS, "region": REGION_WEIGHTS}
+REGION_TERMS = ("bce", "iou", "ssim", "mae")
+
+
+def loss_weights(preset: str = "paper", **overrides: float) -> dict[str, float]:
+    """A weights dict from a preset name (``paper`` or ``region``) with per-term overrides."""
+    if preset not in LOSS_PRESETS:
+        raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
+    unknown = set(overrides) - set(PAPER_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(PAPER_WEIGHTS)}")
+    return {**LOSS_PRESETS[preset], **overrides}
+
+
+class BiRefNetLoss(nn.Module):
+    """Weighted sum of the BiRefNet loss terms over every output of the model.
+
+    Args:
+        bce: weight of the binary cross-entropy (per supervised map).
+        iou: weight of the IoU loss (per map; the IoU loss itself is summed over the batch).
+        ssim: weight of the SSIM loss (per map).
+        mae: weight of the mean absolute error (per map; 0 in the paper's DIS setting).
+        ce: weight of the auxiliary classification cross-entropy.
+        gradient: weight of the outward-reference gradient loss (summed over stages).
+    """
+
+    def __init__(
+        self,
+        bce: float = 30.0,
+        iou: float = 0.5,
+        ssim: float = 10.0,
+        mae: float = 0.0,
+        ce: float = 5.0,
+        gradient: float = 1.0,
+    ) -> None:
+        super().__init__()
+        weights = {"bce": bce, "iou": iou, "ssim": ssim, "mae": mae, "ce": ce, "gradient": gradient}
+        negative = {k: v for k, v in weights.items() if v < 0}
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, given {negative}")
+        self.weights = weights
+        self.terms = nn.ModuleDict(
+            {
+                "bce": BCELoss(),
+                "iou": IoULoss(),
+                "ssim": SSIMLoss(),
+                "mae": MAELoss(),
+                "ce": ClassificationLoss(),
+                "gradient": GradientLoss(),
+            }
+        )
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, float]) -> BiRefNetLoss:
+        """Build from a weights mapping (e.g. ``loss_weights("region")`` or a params group)."""
+        return cls(**dict(weights))
+
+    def forward(
+        self, output: BiRefNetOutput, target: torch.Tensor, class_target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the loss.
+
+        Args:
+            output: the model's output (train mode for gradient terms).
+            target: ``(B, 1, H, W)`` mask in [0, 1].
+            class_target: ``(B,)`` class indices (-1 = none) for the auxiliary head, or None.
+
+        Returns:
+            The fp32 scalar total and the weighted contribution of every active term (``bce``, ``iou``,
+            ``ssim``, ``mae``, ``ce``, ``gradient``; a term with weight 0 is absent); the total is their sum.
+        """
+        with torch.autocast(target.device.type, enabled=False):
+            target = target.float()
+            parts: dict[str, torch.Tensor] = {}
+            maps = [_resize_to(m.float(), target) for m in output.supervised_logits]
+            for name in REGION_TERMS:
+                if self.weights[name]:
+                    parts[name] = self.weights[name] * sum(self.terms[name](m, target) for m in maps)
+            if self.weights["ce"] and output.class_logits is not None and class_target is not None:
+                parts["ce"] = self.weights["ce"] * self.terms["ce"](output.class_logits, class_target)
+            if self.weights["gradient"] and output.gradient_logits:
+                parts["gradient"] = self.weights["gradient"] * sum(
+                    self.terms["gradient"](p, t)
+                    for p, t in zip(output.gradient_logits, output.gradient_targets, strict=True)
+                )
+            total = sum(parts.values()) if parts else target.new_zeros(())
+        return total, parts  # type: ignore[return-value]
+
+
+def _resize_to(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if logits.shape[-2:] == target.shape[-2:]:
+        return logits
+    return F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=True)

@@ -1,0 +1,160 @@
+"""Loss terms and the composite: zero on perfect predictions, hand-computed values, gradients, bf16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from birefnet.losses import (
+    PAPER_WEIGHTS,
+    REGION_WEIGHTS,
+    BCELoss,
+    BiRefNetLoss,
+    ClassificationLoss,
+    GradientLoss,
+    IoULoss,
+    MAELoss,
+    SSIMLoss,
+    loss_weights,
+)
+from birefnet.losses.terms import gaussian_window
+from birefnet.models.birefnet import BiRefNetOutput
+
+BIG = 30.0  # |logit| whose sigmoid is 0/1 to float precision
+
+
+def perfect_logits(mask: torch.Tensor) -> torch.Tensor:
+    return (mask * 2 - 1) * BIG
+
+
+@pytest.fixture
+def mask() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(2, 1, 32, 32, generator=generator) > 0.5).float()
+
+
+@pytest.mark.parametrize("term", [BCELoss(), IoULoss(), SSIMLoss(), MAELoss()])
+def test_region_terms_zero_on_perfect_prediction(term: torch.nn.Module, mask: torch.Tensor) -> None:
+    assert term(perfect_logits(mask), mask).item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("term", [BCELoss(), IoULoss(), SSIMLoss(), MAELoss(), GradientLoss()])
+def test_terms_give_finite_gradients(term: torch.nn.Module, mask: torch.Tensor) -> None:
+    logits = torch.randn(2, 1, 32, 32, requires_grad=True)
+    value = term(logits, mask)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_hand_computed_values() -> None:
+    logits = torch.tensor([[[[0.0, math.log(3.0)]]]])  # sigmoid: 0.5, 0.75
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    assert BCELoss()(logits, target).item() == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+    # intersection 0.5, union 1 + 1.25 - 0.5 = 1.75
+    assert IoULoss()(logits, target).item() == pytest.approx(1 - 0.5 / 1.75, rel=1e-6)
+    assert MAELoss()(logits, target).item() == pytest.approx((0.5 + 0.75) / 2, rel=1e-6)
+    # IoU is summed over the batch, not averaged
+    twice = IoULoss()(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1)).item()
+    assert twice == pytest.approx(2 * (1 - 0.5 / 1.75), rel=1e-6)
+    # cross-entropy of uniform logits over 4 classes; -1 labels are ignored
+    ce = ClassificationLoss()(torch.zeros(3, 4), torch.tensor([1, -1, 3]))
+    assert ce.item() == pytest.approx(math.log(4), rel=1e-6)
+    assert ClassificationLoss()(torch.zeros(2, 4), torch.tensor([-1, -1])).item() == 0.0
+    # gradient loss: BCE(sigmoid(0), sigmoid(0)) = log 2, prediction upsampled to the target size
+    assert GradientLoss()(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 4, 4)).item() == pytest.approx(
+        math.log(2), rel=1e-6
+    )
+
+
+def naive_ssim_loss(prob: torch.Tensor, target: torch.Tensor) -> float:
+    """Direct loops: 11x11 Gaussian window, zero padding, mean SSIM map, (1 - SSIM) / 2."""
+    window = gaussian_window(11, 1.5).double()
+    height, width = prob.shape
+    x = torch.zeros(height + 10, width + 10, dtype=torch.float64)
+    y = torch.zeros_like(x)
+    x[5:-5, 5:-5], y[5:-5, 5:-5] = prob.double(), target.double()
+    c1, c2, total = 0.01**2, 0.03**2, 0.0
+    for i in range(height):
+        for j in range(width):
+            px, py = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
+            mx, my = (window * px).sum(), (window * py).sum()
+            vx = (window * px * px).sum() - mx * mx
+            vy = (window * py * py).sum() - my * my
+            cov = (window * px * py).sum() - mx * my
+            total += float(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+    return (1 - total / (height * width)) / 2
+
+
+def test_ssim_matches_direct_computation() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 1, 6, 7, generator=generator)
+    target = (torch.rand(1, 1, 6, 7, generator=generator) > 0.5).float()
+    expected = naive_ssim_loss(torch.sigmoid(logits)[0, 0], target[0, 0])
+    assert SSIMLoss()(logits, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def model_like_output(mask: torch.Tensor, logits: torch.Tensor, with_gradient: bool = True) -> BiRefNetOutput:
+    stages = [torch.nn.functional.interpolate(logits, scale_factor=1 / s, mode="bilinear") for s in (8, 4, 2)]
+    gradient_logits = [torch.zeros(mask.shape[0], 1, 4 * 2**i, 4 * 2**i) for i in range(3)] if with_gradient else []
+    gradient_targets = [torch.zeros_like(mask) for _ in gradient_logits]
+    return BiRefNetOutput(logits, stages, gradient_logits, gradient_targets, torch.zeros(mask.shape[0], 5))
+
+
+def test_composite_sums_terms_over_every_output(mask: torch.Tensor) -> None:
+    logits = torch.randn(2, 1, 32, 32)
+    output = model_like_output(mask, logits)
+    classes = torch.tensor([0, 3])
+    total, parts = BiRefNetLoss(**PAPER_WEIGHTS)(output, mask, classes)
+    assert set(parts) == {"bce", "iou", "ssim", "ce", "gradient"}
+    maps = [
+        torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=True)
+        for m in output.stage_logits
+    ] + [logits]
+    expected_bce = 30 * sum(BCELoss()(m, mask) for m in maps)
+    expected_iou = 0.5 * sum(IoULoss()(m, mask) for m in maps)
+    expected_ssim = 10 * sum(SSIMLoss()(m, mask) for m in maps)
+    torch.testing.assert_close(parts["bce"], expected_bce)
+    torch.testing.assert_close(parts["iou"], expected_iou)
+    torch.testing.assert_close(parts["ssim"], expected_ssim)
+    assert parts["ce"].item() == pytest.approx(5 * math.log(5), rel=1e-6)
+    assert parts["gradient"].item() == pytest.approx(3 * math.log(2), rel=1e-6)
+    torch.testing.assert_close(total, sum(parts.values()))
+
+
+def test_composite_near_zero_on_perfect_prediction(mask: torch.Tensor) -> None:
+    logits = perfect_logits(mask)
+    output = BiRefNetOutput(logits, [], [], [], None)
+    total, parts = BiRefNetLoss()(output, mask)
+    assert total.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_region_preset_has_no_bce(mask: torch.Tensor) -> None:
+    assert REGION_WEIGHTS["bce"] == 0 and REGION_WEIGHTS["iou"] > 0 and REGION_WEIGHTS["ssim"] > 0
+    total, parts = BiRefNetLoss.from_weights(loss_weights("region"))(
+        model_like_output(mask, torch.randn(2, 1, 32, 32)), mask
+    )
+    assert "bce" not in parts and {"iou", "ssim", "gradient"} <= set(parts)
+    with pytest.raises(ValueError):
+        loss_weights("region", nonsense=1.0)
+    with pytest.raises(ValueError):
+        BiRefNetLoss(bce=-1)
+
+
+def test_bf16_autocast_losses_are_fp32_and_finite(mask: torch.Tensor) -> None:
+    logits = torch.randn(2, 1, 32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowp = (logits * 1.0).to(torch.bfloat16)
+        output = model_like_output(mask, lowp)
+        total, parts = BiRefNetLoss()(output, mask, torch.tensor([1, 2]))
+    assert total.dtype == torch.float32 and all(torch.isfinite(v) for v in parts.values())
+    total.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_gradient_loss_reaches_its_target() -> None:
+    """As upstream, the gradient label is not detached: its producer gets a gradient too."""
+    target = torch.randn(1, 1, 8, 8, requires_grad=True)
+    GradientLoss()(torch.randn(1, 1, 4, 4), target).backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0

@@ -1,0 +1,53 @@
+"""Weights I/O: safetensors with embedded params, ``birefnet.load_model``, local encoder weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import birefnet
+from birefnet.config import ModelParams
+from birefnet.models import build_model, save_model
+from birefnet.models.io import read_model_params
+
+PARAMS = ModelParams(encoder="test_convnext", attention="aspp", multiscale_input="cat", auxiliary_classification=True)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(PARAMS).eval()
+    path = save_model(model, PARAMS, tmp_path / "sub" / "model.safetensors")
+    assert read_model_params(path) == PARAMS
+    loaded = birefnet.load_model(path)
+    assert not loaded.training
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image).logits, model(image).logits, rtol=0, atol=0)
+    overridden = birefnet.load_model(path, deform_impl="torchvision", gradient_checkpointing=True)
+    assert overridden.decoder.gradient_checkpointing
+
+
+def test_load_rejects_foreign_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="model_params"):
+        birefnet.load_model(path)
+
+
+def test_encoder_weights_from_local_file(tmp_path: Path) -> None:
+    reference = timm.create_model("test_convnext", pretrained=False)
+    path = tmp_path / "test_convnext.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(ModelParams(encoder="test_convnext", encoder_weights=path, attention="none"))
+    stem = dict(model.encoder.model.named_parameters())["stem_0.weight"]
+    assert torch.equal(stem, reference.stem[0].weight)
+
+
+def test_missing_encoder_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        build_model(ModelParams(encoder="test_convnext", encoder_weights=tmp_path / "nope.pth"))

@@ -1,0 +1,191 @@
+"""Training on real Ray: DDP on CPU, a two-node loopback cluster, fault injection, resume, schedule, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from birefnet.config import load_params
+from tests.helpers.ray_cluster import two_node_cluster
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": {"size": [64, 64], "workers": 1,
+             "synthetic": {"counts": {"DIS-TR": 8, "DIS-VD": 3, "DIS-TE1": 2, "DIS-TE2": 2, "DIS-TE3": 2,
+                                      "DIS-TE4": 2}, "min_side": 96, "max_side": 144}},
+    "model": {"encoder": "test_convnext", "deform_impl": "sampling"},
+    "loader": {"batch_size": 2, "workers": 0, "augment": ["flip", "rotate"]},
+    "train": {"threads_per_worker": 1, "lr": 1e-3, "warmup_epochs": 0, "lr_schedule": "constant",
+              "stages": [{"name": "main", "epochs": 1},
+                         {"name": "ft", "epochs": 1, "loss": {"bce": 0, "iou": 0.5, "ssim": 10},
+                          "decay": {"iou": 0.5}}]},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    """A folder with a tiny params.yaml and real shards made by the real stages."""
+    from birefnet.stages import gradients, ingest, shard, synthesize
+
+    ws = tmp_path_factory.mktemp("train_ws")
+    doc = _merge(yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8")), TINY)
+    (ws / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    old = Path.cwd()
+    os.chdir(ws)
+    try:
+        for module in (synthesize, ingest, gradients, shard):
+            assert module.main(["--params", "params.yaml", "-q"]) == 0, module.__name__
+    finally:
+        os.chdir(old)
+    return ws
+
+
+def _params(ws: Path, *overrides: str):
+    return load_params(ws / "params.yaml", list(overrides))
+
+
+def _in(ws: Path):
+    class _Cwd:
+        def __enter__(self) -> None:
+            self.old = Path.cwd()
+            os.chdir(ws)
+
+        def __exit__(self, *exc: object) -> None:
+            os.chdir(self.old)
+
+    return _Cwd()
+
+
+def _probes(folder: Path) -> dict[tuple[int, int], dict]:
+    return {(d["rank"], d["epoch"]): d for d in (json.loads(p.read_text()) for p in folder.glob("rank*_epoch*.json"))}
+
+
+def test_two_workers_ddp_in_process_and_schedule_switch(workspace: Path, tmp_path: Path) -> None:
+    from birefnet.stages.train import run
+
+    with _in(workspace):
+        params = _params(workspace, "train.num_workers=2", f"train.run_name=ddp-{tmp_path.name}",
+                         f"train.out={tmp_path / 'models'}")
+        summary = run(params, probe_dir=str(tmp_path / "probe"))
+    probes = _probes(tmp_path / "probe")
+    assert set(probes) == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    for epoch in (0, 1):
+        assert probes[(0, epoch)]["params_sha256"] == probes[(1, epoch)]["params_sha256"]
+        assert probes[(0, epoch)]["pid"] != probes[(1, epoch)]["pid"]
+    assert probes[(0, 0)]["params_sha256"] != probes[(0, 1)]["params_sha256"]
+    history = summary["history"]
+    assert [h["stage"] for h in history] == ["main", "ft"]
+    assert "train_loss_bce" in history[0] and "train_loss_bce" not in history[1]
+    assert all(0.0 <= h["val_Sm"] <= 1.0 for h in history)
+    assert (tmp_path / "models" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "models" / "train.json").read_text())
+    assert saved["epochs"] == 2 and saved["best_epoch"] in (0, 1)
+    import birefnet
+
+    model = birefnet.load_model(tmp_path / "models" / "model.safetensors")
+    import torch
+
+    assert model(torch.zeros(1, 3, 64, 64)).logits.shape == (1, 1, 64, 64)
+
+
+def test_worker_killed_mid_epoch_restores_from_checkpoint(workspace: Path, tmp_path: Path) -> None:
+    from birefnet.stages.train import run
+
+    marker = tmp_path / "killed.txt"
+    with _in(workspace):
+        params = _params(workspace, "train.num_workers=2", "train.max_failures=1",
+                         f"train.run_name=fault-{tmp_path.name}", f"train.out={tmp_path / 'models'}",
+                         "train.stages=[{name: main, epochs: 2}, {name: ft, epochs: 1, loss: {bce: 0}}]")
+        summary = run(params, fault={"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)})
+    assert marker.is_file(), "the fault hook never fired"
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    steps_per_epoch = history[0]["global_step"]
+    assert history[-1]["global_step"] == 3 * steps_per_epoch
+    assert [h["stage"] for h in history] == ["main", "main", "ft"]
+
+
+def test_driver_killed_then_rerun_resumes_inside_last_stage(workspace: Path, tmp_path: Path, venv_bin: Path) -> None:
+    storage = tmp_path / "ckpt"
+    overrides = ["--set", f"train.storage_path={storage}", "--set", "train.run_name=resume",
+                 "--set", f"train.out={tmp_path / 'models'}",
+                 "--set", "train.stages=[{name: main, epochs: 1}, {name: ft, epochs: 3, loss: {bce: 0}, "
+                          "decay: {iou: 0.5}}]"]
+    cmd = [str(venv_bin / "birefnet"), "train", "--params", "params.yaml", *overrides]
+    log1 = open(tmp_path / "run1.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=workspace, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    reached = False
+    while time.time() < deadline and proc.poll() is None:
+        states = [json.loads(p.read_text()) for p in storage.glob("resume/checkpoint_*/state.json")]
+        if any(s["epoch"] >= 1 for s in states):  # a checkpoint inside the last stage exists
+            reached = True
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    log1.close()
+    assert reached, (tmp_path / "run1.log").read_text(errors="replace")[-3000:]
+    time.sleep(2)
+    second = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    summary = json.loads((tmp_path / "models" / "train.json").read_text())
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["stage"] for h in history] == ["main", "ft", "ft", "ft"]
+    params = _params(workspace, "train.stages=[{name: main, epochs: 1}, {name: ft, epochs: 3, loss: {bce: 0}, "
+                                "decay: {iou: 0.5}}]")
+    from birefnet.training.schedule import Schedule
+
+    schedule = Schedule(params.train)
+    assert schedule.weights_at(3).iou == pytest.approx(0.5 * 0.5**3)
+    for h in history[1:]:
+        assert "train_loss_bce" not in h
+
+
+def test_identical_loss_curves_with_one_worker(workspace: Path, tmp_path: Path) -> None:
+    from birefnet.stages.train import run
+
+    curves = []
+    for i in range(2):
+        with _in(workspace):
+            params = _params(workspace, f"train.run_name=det{i}-{tmp_path.name}", f"train.out={tmp_path / str(i)}")
+            summary = run(params)
+        curves.append([(h["train_loss"], h["val_Sm"]) for h in summary["history"]])
+    assert curves[0] == curves[1]
+
+
+def test_two_node_cluster_one_worker_per_node(workspace: Path, tmp_path: Path) -> None:
+    from birefnet.stages.train import run
+
+    with two_node_cluster(tmp_path / "ray") as address, _in(workspace):
+        params = _params(workspace, f"train.ray_address={address}", "train.num_workers=2",
+                         "train.placement_strategy=STRICT_SPREAD", f"train.run_name=nodes-{tmp_path.name}",
+                         f"train.out={tmp_path / 'models'}", "train.stages=[{name: main, epochs: 1}]")
+        run(params, probe_dir=str(tmp_path / "probe"))
+    probes = _probes(tmp_path / "probe")
+    assert probes[(0, 0)]["node"] != probes[(1, 0)]["node"]
+    assert probes[(0, 0)]["params_sha256"] == probes[(1, 0)]["params_sha256"]
+
+
+def test_bad_params_rejected_before_ray_starts(workspace: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "birefnet.cli", "train", "--params", "params.yaml", "--set",
+                           "train.stages=[]"], cwd=workspace, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.stages" in proc.stderr
