@@ -29,7 +29,8 @@ def make_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
         axes = (int(rng.integers(size // 16, size // 4)), int(rng.integers(size // 16, size // 4)))
         cv2.ellipse(gt, center, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
     for _ in range(int(rng.integers(5, 15))):  # holes
-        cv2.circle(gt, (int(rng.integers(0, size)), int(rng.integers(0, size))), int(rng.integers(3, size // 40)), 0, -1)
+        center = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+        cv2.circle(gt, center, int(rng.integers(3, size // 40)), 0, -1)
     for _ in range(int(rng.integers(10, 40))):  # wires
         p0 = (int(rng.integers(0, size)), int(rng.integers(0, size)))
         p1 = (int(rng.integers(0, size)), int(rng.integers(0, size)))

@@ -332,6 +332,26 @@ class TrackingParams(Frozen):
     experiment: str = "birefnet"
 
 
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+class EvaluateParams(Frozen):
+    """The ``evaluate`` stage: the model on every test set, metrics, curves and the visual report."""
+
+    model: Path = Field(Path("models/model.safetensors"), description="model file (train stage output)")
+    out: Path = Field(Path("metrics/eval.json"), description="metrics JSON (DVC metrics)")
+    plots: Path = Field(Path("metrics/plots"), description="curve CSVs (DVC plots) and PNGs")
+    reports: Path = Field(Path("reports/eval"), description="visual report of the hardest samples, index.md")
+    batch_size: PositiveInt = 4
+    workers: PositiveInt = Field(2, description="metric processes (1 = in process); results do not depend on it")
+    hce: bool = Field(True, description="compute HCE (the slowest metric)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    hard_samples: NonNegativeInt = Field(4, description="samples per set in the visual report")
+    hard_by: Literal["Sm", "MAE", "wF", "HCE"] = Field("Sm", description="hardness: lowest Sm/wF, highest MAE/HCE")
+    crops: NonNegativeInt = Field(2, description="zoomed detail crops per report sample")
+    crop_fraction: Annotated[float, Field(gt=0, le=1)] = Field(0.25, description="crop side / shorter image side")
+
+
 # ------------------------------------------------------------------------------------------- params
 
 
@@ -345,6 +365,7 @@ class Params(Frozen):
     loader: LoaderParams = Field(default_factory=LoaderParams)
     train: TrainParams = Field(default_factory=TrainParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -37,6 +37,7 @@ fresh buffers, not arithmetic, dominate the normalisation cost at 1024x1024.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -61,6 +62,23 @@ log = logging.getLogger("birefnet.loader")
 Unit = tuple[str, int, int]  # (shard path, first sample, end sample) of a shard's sample range
 
 
+@functools.cache
+def _normalize_luts() -> tuple[np.ndarray, ...]:
+    values = np.arange(256, dtype=np.float64) / 255.0
+    return tuple(((values - m) / sd).astype(np.float32).reshape(256, 1)
+                 for m, sd in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+
+
+def _normalize_cpu(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 ImageNet-normalised with one table lookup per channel (one pass)."""
+    out = torch.empty(image.shape, dtype=torch.float32)
+    source, target = image.contiguous().numpy(), out.numpy()
+    for i in range(source.shape[0]):
+        for c, lut in enumerate(_normalize_luts()):
+            cv2.LUT(source[i, c], lut, dst=target[i, c])
+    return out
+
+
 def normalize_batch(batch: dict[str, Any], device: torch.device | str | None = None,
                     non_blocking: bool = True) -> dict[str, Any]:
     """Turn a raw batch (``normalize=False``) into the model's input, optionally on a device first.
@@ -81,7 +99,9 @@ def normalize_batch(batch: dict[str, Any], device: torch.device | str | None = N
         if isinstance(value, torch.Tensor) and device is not None:
             out[name] = value.to(device, non_blocking=non_blocking)
     image = out["image"]
-    if image.dtype == torch.uint8:
+    if image.dtype == torch.uint8 and image.device.type == "cpu":
+        out["image"] = _normalize_cpu(image)
+    elif image.dtype == torch.uint8:
         mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1) * 255.0
         scale = 1.0 / (torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1) * 255.0)
         out["image"] = image.to(torch.float32).sub_(mean).mul_(scale)
@@ -223,6 +243,7 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         skip = self.config.on_decode_error == "skip"
+        yielded = 0
         for path, start, stop in units:
             position, key = -1, None
             try:
@@ -231,6 +252,7 @@ class ShardStream(IterableDataset):
                         break
                     if position >= start:
                         key = sample["__key__"]
+                        yielded += 1
                         yield sample
             except Exception as exc:  # noqa: BLE001 - tar/IO errors name the shard
                 where = f"shard {path}" + (f" after sample {key}" if key else "")
@@ -238,6 +260,9 @@ class ShardStream(IterableDataset):
                     raise SampleDecodeError(f"{where}: cannot read the tar ({type(exc).__name__}: {exc})") from exc
                 counter[0] += 1
                 log.warning("%s: skipped the rest of the shard: %s", where, exc)
+                if counter[0] > 100 and yielded == 0:
+                    raise SampleDecodeError(f"no readable sample after {counter[0]} failures; last: {where}: {exc}") \
+                        from exc
                 continue
             if position + 1 < stop and not skip:
                 raise SampleDecodeError(f"shard {path}: has {position + 1} samples, the index says at least {stop}; "
@@ -306,7 +331,11 @@ class ShardStream(IterableDataset):
             return batch
         # uint8 crosses the process boundary (a quarter of float32's shared-memory pages); ShardLoader or the
         # caller's normalize_batch turns it into the model's float input.
-        batch["image"] = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2).contiguous()
+        height, width = items[0]["image"].shape[:2]
+        image = np.empty((len(items), 3, height, width), dtype=np.uint8)
+        for i, it in enumerate(items):  # HWC -> CHW: cv2.split into the batch is ~15x faster than a permute copy
+            cv2.split(it["image"], [image[i, 0], image[i, 1], image[i, 2]])
+        batch["image"] = torch.from_numpy(image)
         batch["mask"] = torch.from_numpy(np.stack([it["mask"] for it in items])).unsqueeze(1)
         if self.config.with_gradient:
             batch["gradient"] = torch.from_numpy(np.stack([it["gradient"] for it in items])).unsqueeze(1)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from birefnet.config import Params
 from birefnet.data.shards import (
@@ -153,7 +154,7 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
     encode = functools.partial(_encode, options=options)
     pool = multiprocessing.Pool(params.data.workers, initializer=_init_worker) if params.data.workers > 1 else None
     try:
-        with tqdm(total=total, unit="sample", desc="shard", disable=quiet) as bar:
+        with logging_redirect_tqdm(), tqdm(total=total, unit="sample", desc="shard", disable=quiet) as bar:
             for split in SPLITS:
                 if split not in grouped:
                     continue

@@ -250,3 +250,7 @@ def test_uint8_batches_normalise_like_float_batches(uneven: tuple[Path, list[str
         assert a["key"] == b["key"]
         torch.testing.assert_close(a["image"], b["image"])
         torch.testing.assert_close(a["mask"], b["mask"])
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        raw_image = [r for r in raw if r["key"] == a["key"]][0]["image"]
+        torch.testing.assert_close(b["image"], (raw_image.float() / 255 - mean) / std)

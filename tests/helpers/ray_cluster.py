@@ -52,6 +52,15 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         pass
 
 
+def _existing_token() -> str | None:
+    """The token an earlier in-process Ray wrote (a driver in this process may have cached it)."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
 @contextmanager
 def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.0) -> Iterator[str]:
     """Start a head and one worker node on 127.0.0.1; yield the address ``127.0.0.1:PORT``.
@@ -62,7 +71,7 @@ def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.
     port = free_port()
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
-    env["RAY_AUTH_TOKEN"] = env.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)
+    env["RAY_AUTH_TOKEN"] = env.get("RAY_AUTH_TOKEN") or _existing_token() or secrets.token_hex(16)
     os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]
     head_log = open(workdir / "head.log", "wb")  # noqa: SIM115 - closed below
     worker_log = open(workdir / "worker.log", "wb")  # noqa: SIM115
