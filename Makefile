@@ -35,3 +35,22 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check birefnet pipelines tests benchmarks
+
+# ---- Prefect: local server, process worker and the retrain deployment (README: "Scheduling with Prefect") ----
+PREFECT_PORT ?= 4200
+PREFECT_POOL ?= birefnet-process
+PREFECT_LOCAL_API := http://127.0.0.1:$(PREFECT_PORT)/api
+
+.PHONY: prefect-server prefect-worker deploy
+
+## prefect-server: a Prefect server on 127.0.0.1:$(PREFECT_PORT) (UI and API); Ctrl-C stops it
+prefect-server: $(VENV)/.installed
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+## prefect-worker: a process worker of pool $(PREFECT_POOL) (runs the retrain flow runs); Ctrl-C twice stops it
+prefect-worker: $(VENV)/.installed
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/prefect worker start --pool $(PREFECT_POOL) --type process
+
+## deploy: create or update the retrain deployment of prefect.yaml (cron, concurrency limit 1) from this folder
+deploy: $(VENV)/.installed
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/python -m pipelines.deploy --source $(CURDIR)

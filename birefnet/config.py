@@ -11,6 +11,7 @@ whole document.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -332,6 +333,28 @@ class TrackingParams(Frozen):
     experiment: str = "birefnet"
 
 
+#: Metrics of ``eval.json`` the promotion gate can rank by, and whether higher is better.
+GATE_METRICS: dict[str, bool] = {
+    "Sm": True, "maxF": True, "meanF": True, "adpF": True, "wF": True,
+    "maxE": True, "meanE": True, "adpE": True, "MAE": False, "HCE": False,
+}
+
+
+class RegisterParams(Frozen):
+    """The ``register`` stage: MLflow model version, aliases and the promotion gate (``birefnet/registry.py``)."""
+
+    model_name: str = Field("birefnet", min_length=1, description="registered model name in the MLflow registry")
+    model: Path = Field(Path("models/model.safetensors"), description="model file to register (train stage output)")
+    metrics: Path = Field(Path("metrics/eval.json"), description="the evaluate stage's metrics (gate input)")
+    out: Path = Field(Path("registry/registered.json"), description="decision record (DVC out)")
+    primary_metric: Literal["Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE", "HCE"] = Field(
+        "Sm", description="gate metric: its mean over data.test_sets; higher is better except MAE and HCE")
+    min_delta: Annotated[float, Field(ge=0)] = Field(
+        0.001, description="champion moves only when the challenger improves the primary metric by at least this")
+    lock_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        120.0, description="wait for another registration's gate lock at most this long; older locks are stale")
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 
 
@@ -355,6 +378,10 @@ class EvaluateParams(Frozen):
 # ------------------------------------------------------------------------------------------- params
 
 
+# The ``register`` key shadows ``ABCMeta.register`` on the class object only; instances read the field.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+
 class Params(Frozen):
     """The whole ``params.yaml``."""
 
@@ -365,6 +392,7 @@ class Params(Frozen):
     loader: LoaderParams = Field(default_factory=LoaderParams)
     train: TrainParams = Field(default_factory=TrainParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 

@@ -7,9 +7,10 @@ Embedded default: a local SQLite database and a local artifact folder, no server
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,83 @@ def ensure_experiment(tracking: TrackingParams, base: str | Path | None = None) 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is None:
-        exp_id = client.create_experiment(tracking.experiment,
-                                          artifact_location=resolve_artifact_location(tracking, base))
+        # A tracking server stores artifacts where it was told (--artifacts-destination); a local folder only
+        # makes sense without one, or when the location is itself a URI (s3://...).
+        remote = uri.startswith(("http://", "https://", "databricks"))
+        location = None if remote and "://" not in tracking.artifact_location else \
+            resolve_artifact_location(tracking, base)
+        exp_id = client.create_experiment(tracking.experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
     return uri, exp_id
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached; the message names the (redacted) URI and what was tried."""
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed (safe to print and to write into outputs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 1.0) -> None:
+    """Fail fast, with a clear message, when an ``http(s)://`` tracking server does not answer.
+
+    Any HTTP answer (even 401 or 404) counts as reachable: only connection errors and timeouts are retried,
+    ``attempts`` times with ``backoff_s * 2**k`` seconds between them. Other URI schemes (SQLite, a folder)
+    need no server and return at once.
+
+    Raises:
+        TrackingUnavailableError: no answer after every attempt; the message names the URI.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = redact_uri(uri).rstrip("/") + "/health"
+    start = time.monotonic()
+    reason = ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the configured tracking server
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2**attempt)
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {redact_uri(uri)} is unreachable ({reason}) after {attempts} attempts in "
+        f"{time.monotonic() - start:.1f} s: start it, or point MLFLOW_TRACKING_URI (or tracking.uri) at a running "
+        "server")
+
+
+@contextlib.contextmanager
+def bounded_http_retries(max_retries: int = 3, backoff_factor: int = 1, timeout_s: int = 60) -> Iterator[None]:
+    """Bound MLflow's own HTTP retries for the duration of a stage (its defaults can wait minutes).
+
+    Values already set in the environment (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``,
+    ``..._TIMEOUT``) win; the previous environment is restored on exit.
+    """
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries),
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(backoff_factor),
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    added = [k for k in wanted if k not in os.environ]
+    for key in added:
+        os.environ[key] = wanted[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)

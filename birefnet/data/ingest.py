@@ -13,6 +13,7 @@ nothing is dropped without being listed.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import unicodedata
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from birefnet.data.io import IMAGE_EXTENSIONS, ImageReadError, load_image, load_mask, sha256_file
+
+# forkserver, not fork: a fork of a process that already ran OpenCV or torch thread pools can deadlock.
+_POOL_CONTEXT = multiprocessing.get_context("forkserver")
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def validate_all(candidates: list[Candidate], max_pixels: int, workers: int,
     """Validate candidates (in ``workers`` processes when > 1), in input order."""
     jobs = [(c, max_pixels) for c in candidates]
     if workers > 1 and len(jobs) > 8:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool:
             results = []
             for r in pool.map(_validate_job, jobs, chunksize=8):
                 results.append(r)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -125,7 +126,9 @@ def _scores(pairs: list[tuple[Path, Path]], hce: bool, workers: int, desc: str,
     if workers <= 1:
         yield from tqdm(map(score, pairs), **bar)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    # forkserver, not fork: forking a process that already ran OpenCV/torch thread pools can deadlock
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context) as pool:
         yield from tqdm(pool.map(score, pairs, chunksize=4), **bar)
 
 

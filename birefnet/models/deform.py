@@ -106,7 +106,9 @@ def sampling_deform_conv2d(
     # The contraction over (channels x taps) as a 1x1 convolution: same maths as one matmul, but batched
     # without the transpose copies torch.matmul makes for (O, CK) @ (B, CK, P), forward and backward.
     columns = sampled.view(batch, channels * taps, out_h, out_w)
-    kernel = weight.reshape(out_channels, channels * taps, 1, 1).to(columns.dtype)
+    # Shaped from the weight alone: the ONNX exporter needs a kernel of static shape, and sizes read from
+    # the input are traced as dynamic (torch.onnx.export with dynamic axes).
+    kernel = weight.flatten(1)[:, :, None, None].to(columns.dtype)
     return F.conv2d(columns, kernel, None if bias is None else bias.to(columns.dtype))
 
 

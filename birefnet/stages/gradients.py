@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,6 +23,9 @@ from birefnet.config import Params
 from birefnet.data.gradients import GRADIENT_OFFSET, GRADIENT_SCALE, encode_gradient, gradient_label
 from birefnet.data.io import ImageReadError, load_image
 from birefnet.stages.common import StageInputError, add_params_args, run_stage
+
+# forkserver, not fork: a fork of a process that already ran OpenCV or torch thread pools can deadlock.
+_POOL_CONTEXT = multiprocessing.get_context("forkserver")
 
 log = logging.getLogger("birefnet.gradients")
 
@@ -83,7 +87,7 @@ def compute_gradients(params: Params, progress: bool = True) -> int:
     bar = tqdm(total=len(jobs), desc="gradients", unit="img", disable=not progress)
     workers = max(1, params.data.workers)
     if workers > 1 and len(jobs) > 8:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool:
             for err in pool.map(_one, jobs, chunksize=8):
                 if err:
                     errors.append(err)
@@ -109,6 +113,11 @@ def compute_gradients(params: Params, progress: bool = True) -> int:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return len(jobs)
+
+
+def run(params: Params, progress: bool = False) -> int:
+    """Stage entry for flows and tests (same as :func:`compute_gradients`)."""
+    return compute_gradients(params, progress=progress)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

@@ -59,6 +59,11 @@ def ingest(params: Params, progress: bool = True) -> IngestResult:
     return result
 
 
+def run(params: Params, progress: bool = False) -> IngestResult:
+    """Stage entry for flows and tests (same as :func:`ingest`)."""
+    return ingest(params, progress=progress)
+
+
 def _run(params: Params, args: argparse.Namespace) -> None:
     result = ingest(params, progress=not args.quiet)
     per_set: dict[str, int] = {}

@@ -152,7 +152,8 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
 
     indexes: dict[str, SplitIndex] = {}
     encode = functools.partial(_encode, options=options)
-    pool = multiprocessing.Pool(params.data.workers, initializer=_init_worker) if params.data.workers > 1 else None
+    pool = (multiprocessing.get_context("forkserver").Pool(params.data.workers, initializer=_init_worker)
+            if params.data.workers > 1 else None)
     try:
         with logging_redirect_tqdm(), tqdm(total=total, unit="sample", desc="shard", disable=quiet) as bar:
             for split in SPLITS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,6 +19,9 @@ from tqdm import tqdm
 from birefnet.config import Params, SyntheticParams
 from birefnet.data.synthetic import generate_sample
 from birefnet.stages.common import add_params_args, run_stage
+
+# forkserver, not fork: a fork of a process that already ran OpenCV or torch thread pools can deadlock.
+_POOL_CONTEXT = multiprocessing.get_context("forkserver")
 
 log = logging.getLogger("birefnet.synthesize")
 
@@ -53,7 +57,7 @@ def synthesize(cfg: SyntheticParams, workers: int = 2, progress: bool = True) ->
                  for i in range(count)]
     bar = tqdm(total=len(jobs), desc="synthesize", unit="img", disable=not progress)
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool:
             for _ in pool.map(_write_one, jobs, chunksize=4):
                 bar.update()
     else:
@@ -64,6 +68,11 @@ def synthesize(cfg: SyntheticParams, workers: int = 2, progress: bool = True) ->
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return dict(cfg.counts)
+
+
+def run(params: Params, progress: bool = False) -> dict[str, int]:
+    """Stage entry for flows and tests: write the dataset of ``params.data.synthetic``."""
+    return synthesize(params.data.synthetic, workers=max(1, params.data.workers), progress=progress)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

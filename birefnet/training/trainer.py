@@ -54,19 +54,45 @@ def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimi
     return torch.optim.Adam(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
+#: GPU memory presets: (gradient checkpointing, largest per-GPU batch at 1024x1024 with bf16).
+MEMORY_PRESETS: dict[str, tuple[bool, int]] = {"24gb": (True, 2), "40gb": (True, 4), "80gb": (False, 4)}
+
+
+def apply_memory_preset(params: Params) -> Any:
+    """The model params to build with ``train.memory_preset`` applied (gradient checkpointing on small GPUs).
+
+    Raises:
+        ValueError: the per-GPU batch exceeds what the preset fits at ``data.size`` (scaled from 1024x1024).
+    """
+    preset = params.train.memory_preset
+    if preset == "none":
+        return params.model
+    checkpointing, batch_at_1024 = MEMORY_PRESETS[preset]
+    width, height = params.data.size
+    fits = max(1, int(batch_at_1024 * (1024 * 1024) / (width * height)))
+    if params.loader.batch_size > fits:
+        raise ValueError(f"loader.batch_size {params.loader.batch_size} exceeds what train.memory_preset {preset} "
+                         f"fits at {width}x{height} ({fits}); lower the batch or pick a larger preset")
+    return params.model.model_copy(update={"gradient_checkpointing": checkpointing or
+                                           params.model.gradient_checkpointing})
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``config``: ``params`` (dict), ``cwd``, ``mlflow_run_id``,
-    ``tracking_uri``, optional ``probe_dir`` and ``fault`` (test hooks; ``fault``: ``{"epoch": E, "step": S, "rank": R, "marker": PATH}``
-    makes that rank's process exit once, mid-epoch, as a crashed worker would)."""
+    """Ray Train worker entry point.
+
+    ``config`` holds ``params`` (dict), ``cwd``, ``mlflow_run_id``, ``tracking_uri`` and two optional test
+    hooks: ``probe_dir`` (per-rank parameter digests) and ``fault`` (``{"epoch", "step", "rank", "marker"}``:
+    that rank's process exits once, mid-epoch, as a crashed worker would).
+    """
     import ray
     import ray.train
     import ray.train.torch
 
     from birefnet.data.loader import eval_loader_from_params, train_loader_from_params
-    from birefnet.training.criterion import build_criterion
     from birefnet.models import build_model
     from birefnet.stages.common import setup_logging
     from birefnet.training.checkpoint import load_training_state, save_training_state
+    from birefnet.training.criterion import build_criterion
     from birefnet.training.engine import evaluate, train_one_epoch
     from birefnet.training.init import initialize_weights
     from birefnet.training.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
@@ -80,7 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup_runtime(train.seed + rank, train.threads_per_worker)
     device = ray.train.torch.get_device()
 
-    model = build_model(params.model)
+    model_params = apply_memory_preset(params)
+    model = build_model(model_params)
     optimizer = make_optimizer(model, params)
     schedule = Schedule(train)
     start_epoch, global_step, history = 0, 0, []
@@ -102,6 +129,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("initialised weights from %s: %s", train.init_from, report.summary())
     model = ray.train.torch.prepare_model(model)
+    if train.compile:
+        if device.type == "cuda":
+            model = torch.compile(model)
+        elif rank == 0:
+            log.warning("train.compile is only applied on GPU; training uncompiled on %s", device.type)
 
     train_loader = train_loader_from_params(params, rank=rank, world_size=world)
     val_loaders = {}
@@ -171,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state = {"epoch": epoch, "stage": at.stage.name, "stage_index": at.index,
                              "global_step": global_step, "loader_epoch": epoch + 1, "history": history,
                              "best": best, "rng": rng_state(), "params": config["params"]}
-                    save_training_state(tmp, model=model, model_params=params.model, optimizer=optimizer,
+                    save_training_state(tmp, model=model, model_params=model_params, optimizer=optimizer,
                                         scaler=None, state=state)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report_metrics, checkpoint=ckpt)

@@ -1,0 +1,305 @@
+"""Export BiRefNet to ONNX and check it against PyTorch with onnxruntime (``birefnet export onnx``).
+
+BiRefNet (Zheng et al., "Bilateral Reference for High-Resolution Dichotomous Image Segmentation", CAAI AIR
+2024) reads features through modulated deformable convolutions. ``torchvision.ops.deform_conv2d`` has no
+ONNX symbolic (upstream's exports go through a third-party exporter that unrolls it into gathers, which is
+what makes them slow); the export therefore switches every layer to the ``sampling`` kernel
+(``birefnet.models.deform``: ``GridSample`` + a 1x1 ``Conv``, standard ops, same parameters, same function),
+which exports cleanly with a dynamic batch and, for encoders whose shapes are traced symbolically, dynamic
+height and width.
+
+The graph has one input ``image`` ``(B, 3, H, W)`` float32 ImageNet-normalised RGB and one output
+``logits`` ``(B, 1, H, W)``. It is written with the TorchScript exporter (``dynamo=False``), which needs
+only ``onnx``; ``torch.export``'s exporter would also need ``onnxscript``.
+
+Usage::
+
+    birefnet export onnx --model models/model.safetensors --out model.onnx --size 1024 1024 [--dynamic-hw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from birefnet.models.birefnet import BiRefNet
+
+log = logging.getLogger("birefnet.export")
+
+#: Default ONNX opset (GridSample needs 16; 17 is what onnxruntime has optimised longest).
+DEFAULT_OPSET = 17
+#: Parity tolerance on the sigmoid probabilities (max |p_onnx - p_torch|): a quarter of one 8-bit grey level.
+PROB_TOLERANCE = 1e-3
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def _logits_only(model: BiRefNet) -> torch.nn.Module:
+    """``model`` behind a module returning only ``model(image).logits`` (ONNX outputs must be tensors)."""
+    from torch import nn
+
+    class LogitsOnly(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.inner(image).logits
+
+    return LogitsOnly(model).eval()
+
+
+@dataclass
+class ParityCheck:
+    """onnxruntime vs PyTorch on one input shape.
+
+    Attributes:
+        shape: input ``(B, 3, H, W)``.
+        max_abs_logits: max |logits difference|.
+        max_abs_probs: max |sigmoid difference|, compared with ``tolerance``.
+        tolerance: the bound on ``max_abs_probs``.
+        error: why onnxruntime could not run this shape, if it could not.
+    """
+
+    shape: tuple[int, ...]
+    max_abs_logits: float = float("nan")
+    max_abs_probs: float = float("nan")
+    tolerance: float = PROB_TOLERANCE
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when onnxruntime ran and the probabilities agree within ``tolerance``."""
+        return self.error is None and self.max_abs_probs <= self.tolerance
+
+    def describe(self) -> str:
+        """One line for the console."""
+        head = f"parity {'x'.join(map(str, self.shape))}: "
+        if self.error:
+            return head + f"FAILED ({self.error})"
+        verdict = "ok" if self.ok else "FAILED"
+        return (head + f"max |d logits| = {self.max_abs_logits:.2e}, max |d sigmoid| = {self.max_abs_probs:.2e} "
+                f"(tolerance {self.tolerance:.0e}) {verdict}")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it compared.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        size: export resolution (width, height).
+        dynamic_hw: whether H and W are dynamic axes (the batch always is).
+        opset: ONNX opset.
+        seconds: export time.
+        checks: parity results (empty with ``check=False``).
+    """
+
+    path: Path
+    size: tuple[int, int]
+    dynamic_hw: bool
+    opset: int
+    seconds: float
+    checks: list[ParityCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every parity check passed."""
+        return all(c.ok for c in self.checks)
+
+
+def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opset: int = DEFAULT_OPSET,
+                dynamic_hw: bool = False) -> Path:
+    """Write ``model`` as ONNX (dynamic batch; dynamic H/W with ``dynamic_hw``).
+
+    The model's deformable convolutions are switched to the ``sampling`` kernel for the trace and restored
+    afterwards; the model is traced on CPU in fp32.
+
+    Args:
+        model: a BiRefNet.
+        out: the ``.onnx`` path (parent folders created).
+        size: export resolution (width, height), multiples of 32; the graph's fixed H/W without ``dynamic_hw``.
+        opset: ONNX opset (at least 16, for GridSample).
+        dynamic_hw: make height and width dynamic axes too (check them with :func:`check_parity`: an encoder
+            that computes shapes in Python, such as Swin's window padding, bakes the traced size in).
+
+    Returns:
+        The path written.
+    """
+    import torch
+
+    from birefnet.predict import check_size
+
+    width, height = check_size(size)
+    if opset < 16:
+        raise ValueError(f"opset must be at least 16 (GridSample), given {opset}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    previous = {module: module.impl for module in model.deformable_convs()}
+    was_training = model.training
+    model.cpu().eval()
+    model.set_deform_impl("sampling")
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns on every shape comparison (resize identities, stride checks): they hold for all
+            # sizes that are multiples of 32, which is what the parity check at a second size verifies.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            torch.onnx.export(
+                _logits_only(model), (torch.zeros(1, 3, height, width),), str(out), dynamo=False,
+                opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, do_constant_folding=True,
+            )
+    finally:
+        for module, impl in previous.items():
+            module.impl = impl
+        model.to(device).train(was_training)
+    import onnx
+
+    onnx.checker.check_model(str(out))
+    return out
+
+
+def check_parity(model: BiRefNet, onnx_path: str | Path, shapes: Sequence[tuple[int, int, int, int]], *,
+                 tolerance: float = PROB_TOLERANCE, seed: int = 0) -> list[ParityCheck]:
+    """Compare onnxruntime (CPU) with the PyTorch model (CPU, fp32, its own deform kernel) on random inputs.
+
+    Args:
+        model: the PyTorch model that was exported.
+        onnx_path: the exported file.
+        shapes: input shapes ``(B, 3, H, W)`` to try.
+        tolerance: bound on the max absolute difference of the sigmoid probabilities.
+        seed: input generator seed.
+
+    Returns:
+        One :class:`ParityCheck` per shape.
+    """
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.cpu().eval()
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    try:
+        for shape in shapes:
+            check = ParityCheck(tuple(shape), tolerance=tolerance)
+            image = torch.randn(*shape, generator=generator)
+            with torch.no_grad():
+                expected = model(image).logits.float()
+            try:
+                (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: image.numpy()})
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types per failure
+                check.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                checks.append(check)
+                continue
+            got_t = torch.from_numpy(np.asarray(got))
+            if got_t.shape != expected.shape:
+                check.error = f"output shape {tuple(got_t.shape)}, PyTorch gives {tuple(expected.shape)}"
+            else:
+                check.max_abs_logits = float((got_t - expected).abs().max())
+                check.max_abs_probs = float((got_t.sigmoid() - expected.sigmoid()).abs().max())
+            checks.append(check)
+    finally:
+        model.to(device).train(was_training)
+    return checks
+
+
+def parity_shapes(size: tuple[int, int], dynamic_hw: bool) -> list[tuple[int, int, int, int]]:
+    """Shapes the export is checked on: batch 1 and 2 at ``size`` (dynamic batch), plus a second (H, W) with
+    ``dynamic_hw`` (the sides swapped, or 32 px more in height for a square size)."""
+    width, height = size
+    shapes = [(1, 3, height, width), (2, 3, height, width)]
+    if dynamic_hw:
+        other = (width, height) if width != height else (height + 32, width)
+        shapes.append((1, 3, *other))
+    return shapes
+
+
+def export_and_check(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opset: int = DEFAULT_OPSET,
+                     dynamic_hw: bool = False, check: bool = True, tolerance: float = PROB_TOLERANCE
+                     ) -> ExportReport:
+    """:func:`export_onnx`, then :func:`check_parity` on :func:`parity_shapes`."""
+    start = time.perf_counter()
+    path = export_onnx(model, out, size, opset=opset, dynamic_hw=dynamic_hw)
+    report = ExportReport(path=path, size=(int(size[0]), int(size[1])), dynamic_hw=dynamic_hw, opset=opset,
+                          seconds=time.perf_counter() - start)
+    if check:
+        report.checks = check_parity(model, path, parity_shapes(report.size, dynamic_hw), tolerance=tolerance)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Arguments of ``birefnet export``."""
+    parser = argparse.ArgumentParser(prog="birefnet export", description="Export a model for deployment.")
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    onnx_parser = formats.add_parser(
+        "onnx", help="ONNX with a dynamic batch, checked against PyTorch with onnxruntime",
+        description="Export to ONNX (input 'image' (B,3,H,W) ImageNet-normalised RGB, output 'logits' "
+                    "(B,1,H,W)) with the sampling deformable-convolution kernel, then compare onnxruntime with "
+                    f"PyTorch on random inputs: max |sigmoid difference| must be <= {PROB_TOLERANCE:g}. "
+                    "Exits 1 when a check fails.",
+    )
+    onnx_parser.add_argument("--model", required=True, help="model .safetensors file or models:/NAME@ALIAS")
+    onnx_parser.add_argument("--out", required=True, type=Path, help="output .onnx file")
+    onnx_parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    onnx_parser.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=None,
+                             help="export resolution; default: the model file's, else 1024 1024")
+    onnx_parser.add_argument("--dynamic-hw", action="store_true",
+                             help="dynamic height and width too (checked at a second size)")
+    onnx_parser.add_argument("--tolerance", type=float, default=PROB_TOLERANCE,
+                             help=f"parity bound on max |sigmoid difference| (default {PROB_TOLERANCE:g})")
+    onnx_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
+    onnx_parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``birefnet export onnx``; 0 on success, 1 when a parity check fails, 2 on a usage error."""
+    from birefnet.models.io import load_model
+    from birefnet.predict import model_resolution, resolve_model_file
+    from birefnet.stages.common import setup_logging
+
+    args = get_args_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        path = resolve_model_file(args.model)
+        size = model_resolution(path, args.size)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"birefnet export: {exc}", file=sys.stderr)
+        return 2
+    model = load_model(path, device="cpu")
+    report = export_and_check(model, args.out, size, opset=args.opset, dynamic_hw=args.dynamic_hw,
+                              check=args.check, tolerance=args.tolerance)
+    axes = "batch, height, width" if args.dynamic_hw else "batch"
+    print(f"wrote {report.path} (opset {report.opset}, {size[0]}x{size[1]}, dynamic {axes}) "
+          f"in {report.seconds:.1f} s")
+    for check in report.checks:
+        print(check.describe())
+    if not report.ok:
+        print("birefnet export: parity check failed; the ONNX file does not match PyTorch", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The ``retrain`` flow: the whole pipeline from params, exactly as a manual ``dvc repro`` runs it.
+
+Steps, each a task:
+
+1. ``validate-params``: load ``params.yaml`` with the overrides through :func:`birefnet.config.load_params`
+   (no retry: bad params fail the run at once, before DVC touches anything).
+2. ``dvc-pull``: when the repository has a DVC remote, pull what it holds so unchanged stages are not
+   recomputed; an unreachable remote is retried, then skipped with a warning (``dvc repro`` recomputes).
+3. ``dvc-repro``: ``dvc repro``; with overrides ``dvc exp run -S key=value ...`` instead, DVC's own override
+   mechanism: it writes the values into ``params.yaml``, reruns exactly the affected stages in the workspace
+   and records the run as an experiment (``dvc exp show`` lists it next to the baseline), so a parametrised
+   scheduled run stays comparable and reproducible. Writing ``params.yaml`` ourselves would lose that record.
+   A stage that exits with 2 (bad params) or 3 (bad input) fails the run with its error message and no
+   retry; a busy DVC lock, a network error or a timeout is retried with backoff (DVC skips the stages
+   already done).
+4. ``report``: the registered model version and the gate decision from ``registry/registered.json`` (written
+   by the ``register`` stage), the stages and output hashes of ``dvc.lock``; also a Markdown artifact shown
+   on the flow run's page in the Prefect UI.
+
+One retrain at a time per workspace: the flow holds an exclusive lock on ``.dvc/tmp/retrain.lock`` for the
+whole run, and a second run waits for it (up to ``lock_timeout_s``); the deployment adds
+``concurrency_limit: 1`` so the server queues a second scheduled run instead of starting it (prefect.yaml).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.runtime import flow_run
+
+from birefnet.config import load_params
+from pipelines.common import RETRY_POLICY, CommandError, working_directory, workspace_lock
+
+LOCK_PATH = Path(".dvc/tmp/retrain.lock")
+REGISTERED = Path("registry/registered.json")
+# Exit codes of the stage commands (birefnet.stages.common) as DVC reports them.
+PERMANENT_EXITS = {2: "bad params", 3: "bad input"}
+# Output of a failed dvc command that means "try again later".
+TRANSIENT_MARKERS = ("Unable to acquire lock", "is busy", "ConnectionError", "ConnectionRefusedError",
+                     "Connection refused", "TimeoutError", "timed out", "Max retries exceeded", "API request to",
+                     "Temporary failure in name resolution", "GetTimeoutError", "BrokenPipeError")
+TAIL_LINES = 200
+
+
+def _dvc() -> str:
+    """The ``dvc`` of this interpreter's environment (a worker's PATH may not include the venv)."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.is_file() else (shutil.which("dvc") or "dvc")
+
+
+def _env() -> dict[str, str]:
+    """The environment for dvc: the venv's scripts (``birefnet``) first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+
+
+def run_command(args: list[str], timeout_s: float, log_prefix: str = "",
+                keep: str = "Running stage '") -> tuple[int, str, list[str]]:
+    """Run ``args`` in its own process group, stream its output to the run logger.
+
+    Returns:
+        The exit code, the last lines of output, and every line that starts with ``keep``.
+
+    On a timeout, or when the flow itself is interrupted or cancelled, the whole group (dvc and the stage
+    command it started) is killed, so nothing keeps running detached and DVC's lock is released.
+
+    Raises:
+        CommandError: the command timed out (transient).
+    """
+    logger = get_run_logger()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    kept: list[str] = []
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env=_env(), start_new_session=True)
+    timed_out = threading.Event()
+
+    def _kill() -> None:
+        timed_out.set()
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout_s, _kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                if line.startswith(keep):
+                    kept.append(line)
+                logger.info("%s%s", log_prefix, line)
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            _kill_group(proc)
+    if timed_out.is_set():
+        raise CommandError(f"{' '.join(args)} timed out after {timeout_s:.0f} s", transient=True)
+    return code, "\n".join(tail), kept
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def classify_failure(args: list[str], code: int, output: str) -> CommandError:
+    """Turn a failed dvc command into a :class:`CommandError` that says whether a retry may help."""
+    command = " ".join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))
+    # judge the failing stage only: earlier stages may have logged harmless warnings (Ray teardown timeouts)
+    output = "Running stage" + output.rsplit("Running stage", 1)[-1] if "Running stage" in output else output
+    for exit_code, meaning in PERMANENT_EXITS.items():
+        if f"exited with {exit_code}" in output:
+            errors = [ln for ln in output.splitlines() if ln.startswith("error:") or ln.startswith("ERROR:")]
+            detail = "\n".join(errors) or output
+            return CommandError(f"{command} failed ({meaning}, not retried):\n{detail}", transient=False)
+    transient = any(marker in output for marker in TRANSIENT_MARKERS)
+    kind = "transient, retried" if transient else "not retried"
+    return CommandError(f"{command} exited with {code} ({kind}):\n{output}", transient=transient)
+
+
+@task(name="validate-params", cache_policy=NO_CACHE)
+def validate_params(overrides: list[str]) -> dict[str, Any]:
+    """Validate ``params.yaml`` with ``overrides`` before DVC starts (no retry); return the tracking target."""
+    params = load_params("params.yaml", overrides)
+    register = getattr(params, "register", None)
+    return {"train_out": str(params.train.out), "registered": str(register.out if register else REGISTERED)}
+
+
+def dvc_remotes() -> list[str]:
+    """Names of the DVC remotes configured for the repository (empty when none)."""
+    proc = subprocess.run([_dvc(), "remote", "list"], capture_output=True, text=True, env=_env(), timeout=60)
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE, **RETRY_POLICY)
+def pull_data(timeout_s: float) -> str:
+    """``dvc pull --allow-missing`` from the default remote; a failure to reach it is transient."""
+    args = [_dvc(), "pull", "--allow-missing"]
+    code, output, _ = run_command(args, timeout_s, log_prefix="dvc pull | ")
+    if code != 0:
+        raise CommandError(f"dvc pull exited with {code}:\n{output}", transient=True)
+    return output.splitlines()[-1] if output else "nothing to pull"
+
+
+@task(name="dvc-repro", cache_policy=NO_CACHE, **RETRY_POLICY)
+def reproduce(overrides: list[str], timeout_s: float) -> dict[str, Any]:
+    """``dvc repro``, or ``dvc exp run -S ...`` with overrides; return the stages that ran."""
+    args = [_dvc(), "repro"] if not overrides else [_dvc(), "exp", "run", *(a for o in overrides for a in ("-S", o))]
+    start = time.perf_counter()
+    code, output, stage_lines = run_command(args, timeout_s, log_prefix="dvc | ")
+    if code != 0:
+        raise classify_failure(args, code, output)
+    ran = [line.split("'")[1] for line in stage_lines]
+    seconds = round(time.perf_counter() - start, 1)
+    return {"command": " ".join(["dvc", *args[1:]]), "stages_run": ran, "seconds": seconds}
+
+
+def _lock_summary() -> dict[str, Any]:
+    if not Path("dvc.lock").is_file():
+        return {}
+    doc = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) or {}
+    outs: dict[str, str] = {}
+    for stage in doc.get("stages", {}).values():
+        for out in stage.get("outs", []) or []:
+            outs[out["path"]] = out.get("md5") or out.get("hash") or ""
+    return {"stages": sorted(doc.get("stages", {})), "outs": outs}
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(repro: dict[str, Any], train_out: str, registered_path: str) -> dict[str, Any]:
+    """Collect what the run left: registered version and gate decision, dvc.lock outputs, the model file."""
+    record_file = Path(registered_path)
+    registered = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
+    model = Path(train_out) / "model.safetensors"
+    result: dict[str, Any] = {
+        **repro,
+        "dvc_lock": _lock_summary(),
+        "model": str(model) if model.is_file() else None,
+        "registered": registered,
+        "version": (registered or {}).get("version"),
+        "gate": _gate(registered),
+    }
+    lines = ["# Retrain", "", f"- command: `{repro['command']}`",
+             f"- stages run: {', '.join(repro['stages_run']) or 'none (up to date)'}",
+             f"- seconds: {repro['seconds']}"]
+    if registered is None:
+        lines.append(f"- registry: `{record_file}` not written (no register stage in dvc.yaml)")
+    else:
+        lines += [f"- registered version: **{result['version']}**", f"- gate: **{result['gate']}**", "",
+                  "```json", json.dumps(registered, indent=1), "```"]
+    lines += ["", "| output | hash |", "|---|---|"]
+    lines += [f"| `{path}` | `{digest}` |" for path, digest in result["dvc_lock"].get("outs", {}).items()]
+    create_markdown_artifact("\n".join(lines), key="retrain-report", description="Result of the retrain flow")
+    get_run_logger().info("retrain: version=%s gate=%s stages_run=%s", result["version"], result["gate"],
+                          repro["stages_run"])
+    return result
+
+
+def _gate(registered: dict[str, Any] | None) -> str | None:
+    """The gate decision of a ``registered.json`` record (``promoted``, ``first``, ``kept`` ...)."""
+    gate = (registered or {}).get("gate")
+    if isinstance(gate, dict):
+        return str(gate.get("decision")) if gate.get("decision") is not None else None
+    return None if gate is None else str(gate)
+
+
+def _run_name() -> str:
+    overrides = flow_run.parameters.get("overrides") or []
+    return "retrain" + (f" {' '.join(overrides)}" if overrides else "")
+
+
+@flow(name="retrain", flow_run_name=_run_name, validate_parameters=True)
+def retrain(overrides: list[str] | None = None, workdir: str | None = None, pull: bool = True,
+            lock_timeout_s: float = 6 * 3600.0, repro_timeout_s: float = 12 * 3600.0) -> dict[str, Any]:
+    """Run the whole pipeline from ``params.yaml`` in ``workdir`` and report the registered model.
+
+    Args:
+        overrides: ``key.path=value`` strings, as ``dvc exp run -S`` takes them; empty runs ``dvc repro``.
+        workdir: the DVC repository (default: the current directory, i.e. the deployment's folder).
+        pull: pull from the DVC remote first when one is configured.
+        lock_timeout_s: how long to wait for another retrain in the same workspace before failing.
+        repro_timeout_s: kill ``dvc repro`` after this many seconds (then retried as a timeout).
+
+    Returns:
+        The report: command, stages run, seconds, dvc.lock outputs, model path, registered version and gate.
+    """
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    with working_directory(workdir) as root:
+        target = validate_params(overrides)
+        run_id = str(get_run_context().flow_run.id)
+
+        def waiting(holder: str) -> None:
+            logger.info("another retrain holds %s (%s): waiting", root / LOCK_PATH, holder)
+
+        with workspace_lock(LOCK_PATH, lock_timeout_s, owner={"flow_run_id": run_id}, on_wait=waiting):
+            if pull and dvc_remotes():
+                state = pull_data(timeout_s=min(repro_timeout_s, 3600.0), return_state=True)
+                if not state.is_completed():
+                    logger.warning("dvc pull failed after retries (%s): reproducing without it", state.message)
+            repro = reproduce(overrides, repro_timeout_s)
+            return report(repro, target["train_out"], target["registered"])
+
+
+if __name__ == "__main__":
+    retrain(overrides=sys.argv[1:])
