@@ -4,8 +4,9 @@ Steps, each a task:
 
 1. ``validate-params``: load ``params.yaml`` with the overrides through :func:`birefnet.config.load_params`
    (no retry: bad params fail the run at once, before DVC touches anything).
-2. ``dvc-pull``: when the repository has a DVC remote, pull what it holds so unchanged stages are not
-   recomputed; an unreachable remote is retried, then skipped with a warning (``dvc repro`` recomputes).
+2. ``dvc-pull``: when the repository has a reachable default DVC remote, pull what it holds so unchanged
+   stages are not recomputed; a network failure is retried, any failure ends in a warning (``dvc repro``
+   recomputes what is missing).
 3. ``dvc-repro``: ``dvc repro``; with overrides ``dvc exp run -S key=value ...`` instead, DVC's own override
    mechanism: it writes the values into ``params.yaml``, reruns exactly the affected stages in the workspace
    and records the run as an experiment (``dvc exp show`` lists it next to the baseline), so a parametrised
@@ -132,8 +133,10 @@ def classify_failure(args: list[str], code: int, output: str) -> CommandError:
     output = "Running stage" + output.rsplit("Running stage", 1)[-1] if "Running stage" in output else output
     for exit_code, meaning in PERMANENT_EXITS.items():
         if f"exited with {exit_code}" in output:
-            errors = [ln for ln in output.splitlines() if ln.startswith("error:") or ln.startswith("ERROR:")]
-            detail = "\n".join(errors) or output
+            lines = output.splitlines()
+            # the stage's own message ("error: <stage>: ...", possibly several lines) and DVC's summary after it
+            first = next((i for i, ln in enumerate(lines) if ln.startswith(("error:", "ERROR:"))), 0)
+            detail = "\n".join(lines[first:])
             return CommandError(f"{command} failed ({meaning}, not retried):\n{detail}", transient=False)
     transient = any(marker in output for marker in TRANSIENT_MARKERS)
     kind = "transient, retried" if transient else "not retried"
@@ -148,19 +151,35 @@ def validate_params(overrides: list[str]) -> dict[str, Any]:
     return {"train_out": str(params.train.out), "registered": str(register.out if register else REGISTERED)}
 
 
-def dvc_remotes() -> list[str]:
-    """Names of the DVC remotes configured for the repository (empty when none)."""
+def reachable_remote() -> str | None:
+    """The default DVC remote's name when one is configured and reachable, else None.
+
+    A local-path remote is reachable when its folder exists; a cloud remote (``s3://`` ...) is assumed reachable
+    here, and a network failure during ``dvc pull`` is retried as a transient fault.
+    """
     proc = subprocess.run([_dvc(), "remote", "list"], capture_output=True, text=True, env=_env(), timeout=60)
-    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+    remotes = dict(line.split(None, 1) for line in proc.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    if proc.returncode != 0 or not remotes:
+        return None
+    default = subprocess.run([_dvc(), "remote", "default"], capture_output=True, text=True, env=_env(), timeout=60)
+    name = default.stdout.strip() if default.returncode == 0 and default.stdout.strip() in remotes else None
+    if name is None:
+        return None
+    url = remotes[name].strip()
+    if "://" in url and not url.startswith("file://"):
+        return name
+    local = Path(url.removeprefix("file://"))
+    # DVC resolves a relative path against the folder of the config file that set it (.dvc/)
+    return name if (local if local.is_absolute() else Path(".dvc") / local).is_dir() else None
 
 
 @task(name="dvc-pull", cache_policy=NO_CACHE, **RETRY_POLICY)
 def pull_data(timeout_s: float) -> str:
-    """``dvc pull --allow-missing`` from the default remote; a failure to reach it is transient."""
+    """``dvc pull --allow-missing`` from the default remote; retried only when it failed to reach the remote."""
     args = [_dvc(), "pull", "--allow-missing"]
     code, output, _ = run_command(args, timeout_s, log_prefix="dvc pull | ")
     if code != 0:
-        raise CommandError(f"dvc pull exited with {code}:\n{output}", transient=True)
+        raise classify_failure(args, code, output)
     return output.splitlines()[-1] if output else "nothing to pull"
 
 
@@ -256,10 +275,14 @@ def retrain(overrides: list[str] | None = None, workdir: str | None = None, pull
             logger.info("another retrain holds %s (%s): waiting", root / LOCK_PATH, holder)
 
         with workspace_lock(LOCK_PATH, lock_timeout_s, owner={"flow_run_id": run_id}, on_wait=waiting):
-            if pull and dvc_remotes():
+            remote = reachable_remote() if pull else None
+            if remote is not None:
                 state = pull_data(timeout_s=min(repro_timeout_s, 3600.0), return_state=True)
                 if not state.is_completed():
-                    logger.warning("dvc pull failed after retries (%s): reproducing without it", state.message)
+                    logger.warning("dvc pull from %s failed (%s): dvc repro recomputes what is missing", remote,
+                                   state.message)
+            elif pull:
+                logger.info("no reachable DVC remote: skipping dvc pull")
             repro = reproduce(overrides, repro_timeout_s)
             return report(repro, target["train_out"], target["registered"])
 

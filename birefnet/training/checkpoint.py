@@ -26,7 +26,7 @@ STATE_FILE = "state.json"
 
 def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_params: ModelParams,
                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                        state: dict[str, Any]) -> Path:
+                        state: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
     """Write a checkpoint folder.
 
     Args:
@@ -36,10 +36,11 @@ def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_par
         optimizer: its state is saved.
         scaler: AMP grad scaler, or None.
         state: JSON-serialisable run state (epoch, stage, global_step, rng, metrics, params...).
+        extra: string metadata stored in the safetensors header (e.g. ``birefnet.data.size``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, model_params, folder / "model.safetensors")
+    save_model(model, model_params, folder / "model.safetensors", extra=extra)
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), folder / "scaler.pt")

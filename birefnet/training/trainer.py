@@ -204,7 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              "global_step": global_step, "loader_epoch": epoch + 1, "history": history,
                              "best": best, "rng": rng_state(), "params": config["params"]}
                     save_training_state(tmp, model=model, model_params=model_params, optimizer=optimizer,
-                                        scaler=None, state=state)
+                                        scaler=None, state=state,
+                                        extra={"birefnet.data.size": "{},{}".format(*params.data.size)})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report_metrics, checkpoint=ckpt)
         else:

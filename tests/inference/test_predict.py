@@ -166,21 +166,22 @@ def test_model_resolution(tiny_model_file: Path) -> None:
 
 def test_registered_model_uri_loads_the_safetensors_inside(tiny_model_file: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
+    """A real local MLflow registry (SQLite, no server): a version whose files hold the safetensors."""
+    import mlflow
 
-    import mlflow.artifacts
-
-    artifacts = tmp_path / "artifacts" / "model"
-    artifacts.mkdir(parents=True)
-    shutil.copy(tiny_model_file, artifacts / "model.safetensors")
-    asked: list[str] = []
-
-    def download(artifact_uri: str, **_: object) -> str:
-        asked.append(artifact_uri)
-        return str(tmp_path / "artifacts")
-
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("predict-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp)
+    client.log_artifact(run.info.run_id, str(tiny_model_file), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("birefnet")
+    version = client.create_model_version("birefnet", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("birefnet", "champion", version.version)
     Image.fromarray(_rgb(20, 30)).save(tmp_path / "a.png")
     report = predict_files([tmp_path / "a.png"], "models:/birefnet@champion", tmp_path / "out", size=TEST_SIZE,
                            progress=False)
-    assert asked == ["models:/birefnet@champion"] and report.ok and len(report.masks) == 1
+    assert report.ok and len(report.masks) == 1
+    assert np.asarray(Image.open(report.masks[0])).shape == (20, 30)

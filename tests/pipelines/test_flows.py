@@ -159,3 +159,25 @@ def test_workspace_lock_waits_for_the_holder(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
+
+
+def test_dvc_failures_are_classified_by_the_failing_stage() -> None:
+    from pipelines.retrain import classify_failure
+
+    args = ["/venv/bin/dvc", "repro"]
+    ingest_log = ("Running stage 'synthesize':\n> birefnet synthesize\nRunning stage 'ingest':\n> birefnet ingest\n"
+                  "error: ingest: 1 bad sample(s) under data/raw:\n  DIS-TR/im/x.jpg: not a JPEG\n"
+                  "ERROR: failed to reproduce 'ingest': failed to run: birefnet ingest, exited with 3")
+    bad_input = classify_failure(args, 1, ingest_log)
+    assert not bad_input.transient
+    assert str(bad_input).startswith("dvc repro failed (bad input, not retried)")
+    assert "x.jpg: not a JPEG" in str(bad_input)
+    assert not classify_failure(args, 1, "ERROR: failed to run: birefnet train, exited with 2").transient
+    assert classify_failure(args, 1, "ERROR: Unable to acquire lock. Most likely another DVC process").transient
+    # a harmless Ray teardown warning of an earlier stage does not make a later crash transient
+    later = ("Running stage 'train':\nGetTimeoutError: Get timed out\nRunning stage 'evaluate':\n"
+             "RuntimeError: nan\nERROR: failed to reproduce 'evaluate': exited with 1")
+    assert not classify_failure(args, 1, later).transient
+    tracking_down = ("Running stage 'register':\nmlflow.exceptions.MlflowException: API request to "
+                     "http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed")
+    assert classify_failure(args, 1, tracking_down).transient

@@ -23,6 +23,9 @@ TINY: dict[str, Any] = {
 }
 
 
+OUTPUT_DIRS = {"data", "models", "metrics", "reports", "registry", "checkpoints", "mlartifacts"}
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``extra`` into a copy of ``base`` (lists and scalars replace)."""
     out = dict(base)
@@ -40,12 +43,17 @@ def tiny_params(repo: Path, extra: dict[str, Any] | None = None) -> dict[str, An
 def make_clone(repo: Path, dest: Path, params: dict[str, Any]) -> Path:
     """Copy the working tree as git sees it (tracked + untracked, not ignored) into a new committed git repo.
 
-    DVC outputs are ignored by git, so the clone starts with no data and no stale dvc.lock effects beyond the
-    committed file; ``params`` replaces params.yaml.
+    The clone starts with no pipeline outputs and no dvc.lock; ``params`` replaces params.yaml.
     """
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
-                           check=True, capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
+    def git_files(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", *flags, "-z"], cwd=repo, check=True, capture_output=True).stdout
+        return [f for f in out.decode().split("\0") if f]
+
+    tracked = set(git_files("--cached"))
+    for rel in git_files("--cached", "--others", "--exclude-standard"):
+        # pipeline outputs someone produced in the working tree (not yet ignored) stay out of the clone
+        if rel not in tracked and rel.split("/", 1)[0] in OUTPUT_DIRS:
+            continue
         src = repo / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
