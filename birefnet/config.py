@@ -379,21 +379,22 @@ class EvaluateParams(Frozen):
 
 
 # The ``register`` key shadows ``ABCMeta.register`` on the class object only; instances read the field.
-warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+# The warning pydantic emits for that is silenced for this class definition alone.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
+    class Params(Frozen):
+        """The whole ``params.yaml``."""
 
-class Params(Frozen):
-    """The whole ``params.yaml``."""
-
-    data: DataParams = Field(default_factory=DataParams)
-    gradients: GradientsParams = Field(default_factory=GradientsParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    shard: ShardParams = Field(default_factory=ShardParams)
-    loader: LoaderParams = Field(default_factory=LoaderParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        data: DataParams = Field(default_factory=DataParams)
+        gradients: GradientsParams = Field(default_factory=GradientsParams)
+        model: ModelParams = Field(default_factory=ModelParams)
+        shard: ShardParams = Field(default_factory=ShardParams)
+        loader: LoaderParams = Field(default_factory=LoaderParams)
+        train: TrainParams = Field(default_factory=TrainParams)
+        tracking: TrackingParams = Field(default_factory=TrackingParams)
+        register: RegisterParams = Field(default_factory=RegisterParams)
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -350,15 +350,24 @@ def pip_requirements() -> list[str]:
     return out
 
 
+#: The parts of the ``birefnet`` package a served model imports (shipped as its code: fewer files to upload).
+MODEL_CODE = ("__init__.py", "config.py", "serving.py", "pyfunc_model.py", "models", "data/gradients.py")
+
+
 def _package_copy(dst: Path) -> Path:
-    """A copy of the ``birefnet`` package (no caches) to ship as the model's code."""
+    """A copy of the parts of ``birefnet`` that serving needs (no caches), to ship as the model's code."""
     import shutil
 
     import birefnet
 
     src = Path(birefnet.__file__).parent
     target = dst / "birefnet"
-    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for rel in MODEL_CODE:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (src / rel).is_dir():
+            shutil.copytree(src / rel, target / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src / rel, target / rel)
     return target
 
 

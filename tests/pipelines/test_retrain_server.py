@@ -215,7 +215,9 @@ def test_retrain_completes_and_a_second_run_waits(prefect_env: tuple[dict[str, s
     if registered.is_file():  # once the register stage is in dvc.yaml: a new model version exists in MLflow
         info = json.loads(registered.read_text(encoding="utf-8"))
         versions = client.search_model_versions(f"name='{info['model_name']}'")
-        assert str(info["version"]) in {v.version for v in versions}
+        assert str(info["version"]) in {str(v.version) for v in versions}
+        assert f"registered version: **{info['version']}**" in report["data"]
+        assert f"gate: **{info['gate']['decision']}**" in report["data"]
     print(f"\nretrain (tiny) via deployment: {a['total_run_time']:.1f} s in the flow run, "
           f"{wall_s:.1f} s from trigger to Completed; queued second run {b['total_run_time']:.1f} s; "
           f"second run states seen while the first ran: {sorted(second_states)}")

@@ -49,10 +49,9 @@ def make_clone(repo: Path, dest: Path, params: dict[str, Any]) -> Path:
         out = subprocess.run(["git", "ls-files", *flags, "-z"], cwd=repo, check=True, capture_output=True).stdout
         return [f for f in out.decode().split("\0") if f]
 
-    tracked = set(git_files("--cached"))
     for rel in git_files("--cached", "--others", "--exclude-standard"):
-        # pipeline outputs someone produced in the working tree (not yet ignored) stay out of the clone
-        if rel not in tracked and rel.split("/", 1)[0] in OUTPUT_DIRS:
+        # pipeline outputs in the shared working tree (even ones staged there by accident) stay out of the clone
+        if rel.split("/", 1)[0] in OUTPUT_DIRS and "/" in rel and not rel.endswith(".gitignore"):
             continue
         src = repo / rel
         if src.is_file():

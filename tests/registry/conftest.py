@@ -107,10 +107,12 @@ def _postgres_database(base_uri: str) -> tuple[str, str | None]:
         with conn.cursor() as cur:
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg2.Error:
-        return base_uri, None  # no CREATEDB right: share the given database (names are unique per test)
+        name = None  # no CREATEDB right: share the given database (names are unique per test)
     finally:
         conn.close()
-    return url.set(database=name).render_as_string(hide_password=False), name
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the suite installs psycopg2-binary
+    url = url.set(drivername="postgresql+psycopg2", database=name or url.database)
+    return url.render_as_string(hide_password=False), name
 
 
 def _drop_postgres_database(base_uri: str, name: str) -> None:

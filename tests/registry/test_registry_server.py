@@ -159,7 +159,9 @@ def test_basic_auth_server(tmp_path: Path, tiny_model: Path, venv_bin: Path) -> 
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{(root / 'basic_auth.db').resolve()}\n"
                    f"admin_username = admin\nadmin_password = {password}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # cache credential checks: PBKDF2 on every request is slow on a busy 2-core machine
+                   "auth_cache_ttl_seconds = 300\n")
     server = start_mlflow_server(f"sqlite:///{(root / 'mlflow.db').resolve()}", root,
                                  env={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
                                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"},
