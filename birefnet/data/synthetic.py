@@ -184,7 +184,8 @@ def _branch(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
 def _lettering(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     h, w = mask.shape
     alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabdeghkmnqrstwxyz0123456789"
-    fonts = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX, cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
+    fonts = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
+             cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
     for _ in range(1 + level):
         text = "".join(rng.choice(list(alphabet), size=int(rng.integers(3, 8))))
         scale = float(rng.uniform(0.5, 1.8)) * min(w, h) / 300 / (0.6 + 0.2 * level)
@@ -226,7 +227,8 @@ def _frame(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     holes = np.zeros_like(mask)
     for _ in range(2 + 3 * level):
         hc = (int(center[0] + rng.uniform(-0.7, 0.7) * axes[0]), int(center[1] + rng.uniform(-0.7, 0.7) * axes[1]))
-        ha = (int(rng.integers(3, max(4, axes[0] // (2 + level)))), int(rng.integers(3, max(4, axes[1] // (2 + level)))))
+        ha = (int(rng.integers(3, max(4, axes[0] // (2 + level)))),
+              int(rng.integers(3, max(4, axes[1] // (2 + level)))))
         cv2.ellipse(holes, hc, ha, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
     np.maximum(mask, np.minimum(body, 255 - holes), out=mask)
 
@@ -246,7 +248,8 @@ CLASS_PRIMITIVES: dict[str, Callable[[np.ndarray, np.random.Generator, int], Non
 SECONDARY = (_wires, _mesh, _lettering, _necklace)
 
 
-def generate_sample(seed: int, set_index: int, index: int, set_name: str, min_side: int, max_side: int) -> SyntheticSample:
+def generate_sample(seed: int, set_index: int, index: int, set_name: str, min_side: int,
+                    max_side: int) -> SyntheticSample:
     """Generate one sample deterministically from (seed, set, index).
 
     Returns:
