@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from birefnet.config import Params, ParamsError, load_params
 
@@ -63,3 +65,32 @@ def run_stage(name: str, func, args: argparse.Namespace) -> int:  # noqa: ANN001
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_PARAMS
     return 0
+
+
+MANIFEST_FIELDS = ("set", "key", "image", "mask")
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """Records of an ingest manifest (``<data.prepared>/manifest.jsonl``), one per line.
+
+    Raises:
+        StageInputError: missing file, or a line that is not a JSON object with the required fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError(f"{path}: manifest not found (run `birefnet ingest` first)")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageInputError(f"{path}:{number}: not JSON ({exc})") from None
+            missing = [k for k in MANIFEST_FIELDS if k not in record] if isinstance(record, dict) \
+                else list(MANIFEST_FIELDS)
+            if missing:
+                raise StageInputError(f"{path}:{number}: missing field(s) {missing}")
+            records.append(record)
+    return records

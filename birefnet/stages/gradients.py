@@ -14,7 +14,6 @@ import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import cv2
 from tqdm import tqdm
@@ -22,32 +21,12 @@ from tqdm import tqdm
 from birefnet.config import Params
 from birefnet.data.gradients import GRADIENT_OFFSET, GRADIENT_SCALE, encode_gradient, gradient_label
 from birefnet.data.io import ImageReadError, load_image
-from birefnet.stages.common import StageInputError, add_params_args, run_stage
+from birefnet.stages.common import StageInputError, add_params_args, read_manifest, run_stage
 
 # forkserver, not fork: a fork of a process that already ran OpenCV or torch thread pools can deadlock.
 _POOL_CONTEXT = multiprocessing.get_context("forkserver")
 
 log = logging.getLogger("birefnet.gradients")
-
-
-def read_manifest(prepared: Path) -> list[dict[str, Any]]:
-    """Records of ``<prepared>/manifest.jsonl``; a clear error when it is missing or malformed."""
-    path = Path(prepared) / "manifest.jsonl"
-    if not path.is_file():
-        raise StageInputError(f"{path} not found: run the ingest stage first (birefnet ingest)")
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StageInputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-        for key in ("set", "key", "image"):
-            if key not in rec:
-                raise StageInputError(f"{path}:{lineno}: record has no {key!r} field")
-        records.append(rec)
-    return records
 
 
 def gradient_path(out: Path, set_name: str, key: str) -> Path:
@@ -71,7 +50,7 @@ def _one(job: tuple[str, str, int, int, int]) -> str | None:
 
 def compute_gradients(params: Params, progress: bool = True) -> int:
     """Write every label; return the number written."""
-    records = read_manifest(params.data.prepared)
+    records = read_manifest(Path(params.data.prepared) / "manifest.jsonl")
     out = Path(params.gradients.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import multiprocessing
 from collections.abc import Iterator
@@ -37,36 +36,11 @@ from birefnet.data.shards import (
     safe_name,
     write_atomic,
 )
-from birefnet.stages.common import StageInputError, add_params_args, run_stage
+from birefnet.stages.common import StageInputError, add_params_args, read_manifest, run_stage
 
 log = logging.getLogger("birefnet.shard")
 
 SPLITS = ("train", "val", "test")
-
-
-def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Manifest entries, one per line.
-
-    Raises:
-        StageInputError: missing file or a line that is not a JSON object with the required fields.
-    """
-    if not path.is_file():
-        raise StageInputError(f"{path}: manifest not found (run `birefnet ingest` first)")
-    entries = []
-    required = ("set", "key", "image", "mask")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StageInputError(f"{path}:{number}: not JSON ({exc})") from None
-            missing = [k for k in required if k not in entry] if isinstance(entry, dict) else list(required)
-            if missing:
-                raise StageInputError(f"{path}:{number}: missing field(s) {missing}")
-            entries.append(entry)
-    return entries
 
 
 def group_entries(entries: list[dict[str, Any]], params: Params) -> dict[str, dict[str, list[dict[str, Any]]]]:

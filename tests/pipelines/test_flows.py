@@ -21,7 +21,7 @@ from birefnet.config import ParamsError
 from birefnet.stages.common import StageInputError
 from pipelines.common import RETRY_POLICY, CommandError, LockTimeout, is_transient, workspace_lock
 from pipelines.stages import gradients_flow, ingest_flow, shard_flow, synthesize_flow
-from tests.pipelines.tinyrepo import tiny_params
+from tests.helpers.tinyrepo import tiny_params
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.pipelines.tinyrepo import make_clone, tiny_params
+from tests.helpers.tinyrepo import make_clone, tiny_params
 
 pytestmark = pytest.mark.slow
 

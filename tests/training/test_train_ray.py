@@ -15,6 +15,7 @@ import yaml
 
 from birefnet.config import load_params
 from tests.helpers.ray_cluster import two_node_cluster
+from tests.helpers.tinyrepo import merge
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +32,13 @@ TINY = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     """A folder with a tiny params.yaml and real shards made by the real stages."""
     from birefnet.stages import gradients, ingest, shard, synthesize
 
     ws = tmp_path_factory.mktemp("train_ws")
-    doc = _merge(yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8")), TINY)
+    doc = merge(yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8")), TINY)
     (ws / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     old = Path.cwd()
     os.chdir(ws)
