@@ -351,7 +351,8 @@ def pip_requirements() -> list[str]:
 
 
 #: The parts of the ``birefnet`` package a served model imports (shipped as its code: fewer files to upload).
-MODEL_CODE = ("__init__.py", "config.py", "serving.py", "pyfunc_model.py", "models", "data/gradients.py")
+MODEL_CODE = ("__init__.py", "config.py", "serving.py", "predict.py", "pyfunc_model.py", "models",
+              "data/gradients.py")
 
 
 def _package_copy(dst: Path) -> Path:

@@ -3,7 +3,7 @@
 BiRefNet (Zheng et al., "Bilateral Reference for High-Resolution Dichotomous Image Segmentation", CAAI AIR
 2024) predicts at a fixed working resolution; :func:`predict_masks` resizes every image to it exactly as the
 ``shard`` stage does (OpenCV bilinear), normalises with the ImageNet statistics, runs the model and resizes the
-sigmoid map back to the image's own size.
+sigmoid map back to the image's own size, with the same steps as ``birefnet predict`` (:mod:`birefnet.predict`).
 
 :class:`BiRefNetPyfunc` is the pyfunc flavor of a registered version. It is logged as "models from code"
 (``birefnet/pyfunc_model.py`` instantiates it), so nothing is pickled: the model folder holds the safetensors
@@ -50,17 +50,14 @@ def predict_masks(model: Any, images: Sequence[np.ndarray], size: tuple[int, int
     Returns:
         One ``(H, W)`` uint8 mask (0 background .. 255 foreground) per image.
     """
-    import cv2
     import torch
 
-    from birefnet.data.gradients import IMAGENET_MEAN, IMAGENET_STD
+    from birefnet.predict import postprocess, preprocess
 
     width, height = int(size[0]), int(size[1])
     if width % 32 or height % 32:
         raise ValueError(f"working size must be multiples of 32, got {width}x{height}")
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    prepared: list[np.ndarray] = []
+    prepared: list[torch.Tensor] = []
     shapes: list[tuple[int, int]] = []
     for i, image in enumerate(images):
         image = np.asarray(image)
@@ -70,18 +67,14 @@ def predict_masks(model: Any, images: Sequence[np.ndarray], size: tuple[int, int
             raise ValueError(f"image {i}: expected (H, W, 3) RGB, got shape {image.shape}")
         if image.dtype != np.uint8:
             raise ValueError(f"image {i}: expected uint8 pixels, got {image.dtype}")
-        image = image[:, :, :3]
+        image = np.ascontiguousarray(image[:, :, :3])
         shapes.append(image.shape[:2])
-        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-        prepared.append(((resized.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+        prepared.append(preprocess(image, (width, height)))
     masks: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(prepared), batch_size):
-            batch = torch.from_numpy(np.stack(prepared[start:start + batch_size]))
-            probs = torch.sigmoid(model(batch).logits.float())[:, 0].numpy()
-            for prob, (h, w) in zip(probs, shapes[start:start + batch_size], strict=True):
-                full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-                masks.append(np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8))
+            logits = model(torch.stack(prepared[start:start + batch_size])).logits
+            masks.extend(postprocess(logits, shapes[start:start + batch_size]))
     return masks
 
 

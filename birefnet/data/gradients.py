@@ -71,7 +71,8 @@ def decode_gradient(stored: np.ndarray) -> np.ndarray:
 
 
 def gradient_label_torch(images):  # noqa: ANN001, ANN201 - torch is imported lazily
-    """On-the-fly gradient labels for a normalised batch.
+    """On-the-fly gradient labels for a normalised batch: exactly what the model computes itself
+    (:func:`birefnet.models.heads.gradient_map`), so precomputed labels are checked against the real thing.
 
     Args:
         images: (B, 3, H, W) float tensor, ImageNet-normalised.
@@ -79,10 +80,6 @@ def gradient_label_torch(images):  # noqa: ANN001, ANN201 - torch is imported la
     Returns:
         (B, 1, H, W) tensor, the same Laplacian as :func:`gradient_label`.
     """
-    import torch
-    import torch.nn.functional as F
+    from birefnet.models.heads import gradient_map
 
-    gray = images.float().mean(dim=1, keepdim=True)
-    kernel = torch.from_numpy(laplacian_kernel(5)).to(gray.device)[None, None]
-    padded = F.pad(gray, (2, 2, 2, 2), mode="reflect")
-    return F.conv2d(padded, kernel)
+    return gradient_map(images.float())
