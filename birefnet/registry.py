@@ -514,9 +514,6 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     from birefnet.tracking import (
-        TrackingUnavailableError,
-        bounded_http_retries,
-        check_tracking_server,
         ensure_experiment,
         git_commit,
         redact_uri,
@@ -550,11 +547,7 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
         with contextlib.suppress(ValueError):
             train_summary = json.loads(train_json.read_text(encoding="utf-8"))
 
-    with bounded_http_retries():
-        try:
-            check_tracking_server(uri)
-        except TrackingUnavailableError as exc:
-            raise RegistryError(str(exc)) from None
+    with reachable_tracking(uri):
         try:
             uri, experiment_id = ensure_experiment(params.tracking, base)
         except MlflowException as exc:
@@ -680,6 +673,23 @@ def _register_in_run(client: Any, params: Params, base: Path, name: str, run_id:
     }
 
 
+@contextlib.contextmanager
+def reachable_tracking(uri: str) -> Iterator[None]:
+    """Bounded MLflow HTTP retries for the block, after checking that the tracking server answers.
+
+    Raises:
+        RegistryError: the server does not answer (the message names the URI).
+    """
+    from birefnet.tracking import TrackingUnavailableError, bounded_http_retries, check_tracking_server
+
+    with bounded_http_retries():
+        try:
+            check_tracking_server(uri)
+        except TrackingUnavailableError as exc:
+            raise RegistryError(str(exc)) from None
+        yield
+
+
 def _explain(exc: BaseException, uri: str) -> RegistryError:
     """A clear message for MLflow errors a person can act on (auth, unreachable)."""
     from birefnet.tracking import redact_uri
@@ -786,19 +796,12 @@ def _promote(params: Params, args: argparse.Namespace) -> None:
     from mlflow.exceptions import MlflowException
 
     from birefnet.tracking import (
-        TrackingUnavailableError,
-        bounded_http_retries,
-        check_tracking_server,
         resolve_tracking_uri,
     )
 
     uri = resolve_tracking_uri(params.tracking)
     rp = params.register
-    with bounded_http_retries():
-        try:
-            check_tracking_server(uri)
-        except TrackingUnavailableError as exc:
-            raise RegistryError(str(exc)) from None
+    with reachable_tracking(uri):
         try:
             result = promote(_client(uri), rp.model_name, version=args.version, rollback=args.rollback,
                              force=args.force, reason=args.reason, metric=rp.primary_metric, min_delta=rp.min_delta,
