@@ -57,6 +57,23 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(30, 226, size=3).astype(np.float64)
 
 
+def _distinct_color(rng: np.random.Generator, avoid: np.ndarray, min_distance: float = 90.0) -> np.ndarray:
+    """A random colour at least ``min_distance`` (RGB Euclidean) from ``avoid`` (a few tries, then the farthest).
+
+    Background colours keep this distance from the foreground's so that the object is visible at all; the
+    similar-coloured distractors drawn on top are what makes it hard.
+    """
+    best, best_d = _random_color(rng), -1.0
+    for _ in range(8):
+        c = best if best_d < 0 else _random_color(rng)
+        d = float(np.linalg.norm(c - avoid))
+        if d > best_d:
+            best, best_d = c, d
+        if d >= min_distance:
+            return c
+    return best
+
+
 def _jitter(color: np.ndarray, rng: np.random.Generator, amount: float) -> tuple[int, int, int]:
     c = np.clip(color + rng.normal(0, amount, size=3), 0, 255)
     return int(c[0]), int(c[1]), int(c[2])
@@ -68,8 +85,8 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
 
 
 def _background(rng: np.random.Generator, h: int, w: int, fg_color: np.ndarray, level: int) -> np.ndarray:
-    base = _random_color(rng)
-    other = _random_color(rng)
+    base = _distinct_color(rng, fg_color)
+    other = _distinct_color(rng, fg_color)
     t = _smooth_noise(rng, h, w, int(rng.integers(3, 8)))[..., None]
     img = base * (1 - t) + other * t
     # Fine texture.
@@ -91,7 +108,21 @@ def _background(rng: np.random.Generator, h: int, w: int, fg_color: np.ndarray, 
         else:
             pts = rng.integers(0, [w, h], size=(int(rng.integers(3, 6)), 2)).astype(np.int32)
             cv2.polylines(img, [pts], False, color, 1, cv2.LINE_AA)
-    return img
+    # The background plane is out of focus, as behind a photographed thin object: the clutter keeps the
+    # foreground's colours and shapes but not its sharpness (without some such cue, same-colour thin lines in
+    # front and behind would be indistinguishable and the labels ambiguous).
+    sigma = float(rng.uniform(1.2, 2.4))
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma)
+
+
+#: Thinnest stroke of a foreground structure, in pixels at the generated size. Two pixels keep a structure
+#: visible after the resize to the training resolution (a 1 px line at 448 px becomes a faint half-pixel
+#: smear at 256, in the image and in the label alike).
+MIN_STROKE = 2
+
+
+def _stroke(value: float | np.integer) -> int:
+    return max(MIN_STROKE, int(value))
 
 
 def _bezier(rng: np.random.Generator, w: int, h: int, n: int = 48) -> np.ndarray:
@@ -104,7 +135,7 @@ def _bezier(rng: np.random.Generator, w: int, h: int, n: int = 48) -> np.ndarray
 def _wires(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     h, w = mask.shape
     for _ in range(1 + level + int(rng.integers(0, 2))):
-        thick = int(rng.integers(1, max(2, 5 - level)))
+        thick = _stroke(rng.integers(1, max(2, 5 - level)))
         cv2.polylines(mask, [_bezier(rng, w, h)], False, 255, thick, cv2.LINE_AA)
 
 
@@ -112,8 +143,8 @@ def _mesh(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     h, w = mask.shape
     x0, y0 = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
     x1, y1 = int(rng.integers(w // 2, w)), int(rng.integers(h // 2, h))
-    spacing = max(4, int(rng.integers(18, 30)) - 4 * level)
-    thick = 1 if level >= 3 else int(rng.integers(1, 3))
+    spacing = max(4 * MIN_STROKE, int(rng.integers(18, 30)) - 3 * level)
+    thick = _stroke(1 if level >= 3 else rng.integers(1, 3))
     angle = float(rng.uniform(0, np.pi / 2))
     layer = np.zeros_like(mask)
     diag = int(np.hypot(w, h))
@@ -140,7 +171,7 @@ def _scaffold(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     y0, y1 = int(h * 0.1), int(h * 0.9)
     xs = np.linspace(x0, x1, cols).astype(int)
     ys = np.linspace(y0, y1, rows).astype(int)
-    thick = max(1, 4 - level)
+    thick = _stroke(4 - level)
     for x in xs:
         cv2.line(mask, (int(x), y0), (int(x), y1), 255, thick + 1, cv2.LINE_AA)
     for y in ys:
@@ -151,7 +182,7 @@ def _scaffold(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
                 p = [(int(xs[i]), int(ys[j])), (int(xs[i + 1]), int(ys[j + 1]))]
                 if rng.random() < 0.5:
                     p = [(int(xs[i + 1]), int(ys[j])), (int(xs[i]), int(ys[j + 1]))]
-                cv2.line(mask, p[0], p[1], 255, max(1, thick - 1), cv2.LINE_AA)
+                cv2.line(mask, p[0], p[1], 255, _stroke(thick - 1), cv2.LINE_AA)
 
 
 def _tree(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
@@ -162,7 +193,7 @@ def _tree(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
         if d == 0 or length < 3:
             return
         x2, y2 = x + length * np.cos(angle), y - length * np.sin(angle)
-        cv2.line(mask, (int(x), int(y)), (int(x2), int(y2)), 255, max(1, int(round(thick))), cv2.LINE_AA)
+        cv2.line(mask, (int(x), int(y)), (int(x2), int(y2)), 255, _stroke(round(thick)), cv2.LINE_AA)
         for _ in range(2 if rng.random() < 0.7 else 3):
             grow(x2, y2, angle + rng.uniform(-0.7, 0.7), length * rng.uniform(0.6, 0.8), thick * 0.65, d - 1)
 
@@ -189,7 +220,7 @@ def _lettering(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     for _ in range(1 + level):
         text = "".join(rng.choice(list(alphabet), size=int(rng.integers(3, 8))))
         scale = float(rng.uniform(0.5, 1.8)) * min(w, h) / 300 / (0.6 + 0.2 * level)
-        thick = max(1, int(rng.integers(1, 5 - min(level, 3))))
+        thick = _stroke(rng.integers(1, 5 - min(level, 3)))
         org = (int(rng.integers(0, max(1, w // 3))), int(rng.integers(h // 6, h)))
         cv2.putText(mask, text, org, fonts[int(rng.integers(0, len(fonts)))], scale, 255, thick, cv2.LINE_AA)
 
@@ -205,16 +236,16 @@ def _wheel(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
         for k in range(spokes):
             a = 2 * np.pi * k / spokes
             p = (int(c[0] + r * np.cos(a)), int(c[1] + r * np.sin(a)))
-            cv2.line(mask, c, p, 255, 1, cv2.LINE_AA)
+            cv2.line(mask, c, p, 255, _stroke(1), cv2.LINE_AA)
 
 
 def _necklace(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
     h, w = mask.shape
     pts = _bezier(rng, w, h, n=12 + 10 * level)
-    cv2.polylines(mask, [pts], False, 255, 1, cv2.LINE_AA)
+    cv2.polylines(mask, [pts], False, 255, _stroke(1), cv2.LINE_AA)
     for p in pts[:: max(1, 3 - level // 2)]:
         rad = int(rng.integers(3, 7))
-        cv2.circle(mask, (int(p[0]), int(p[1])), rad, 255, max(1, 3 - level // 2), cv2.LINE_AA)
+        cv2.circle(mask, (int(p[0]), int(p[1])), rad, 255, _stroke(3 - level // 2), cv2.LINE_AA)
 
 
 def _frame(mask: np.ndarray, rng: np.random.Generator, level: int) -> None:
