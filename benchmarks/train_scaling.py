@@ -7,7 +7,9 @@ one worker has one core and two workers have two.
 
 Usage::
 
-    python benchmarks/train_scaling.py [--size 128] [--encoder pvt_v2_b0] [--epochs 3] [--steps 8] [--gpu]
+    python benchmarks/train_scaling.py [--size 128] [--encoder resnet18] [--epochs 3] [--steps 8] [--gpu]
+
+On CPU a third row trains one worker with two threads (the embedded default's layout) on the same cores.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def build_workspace(root: Path, size: int, encoder: str, batch: int, steps: int,
     return root
 
 
-def measure(root: Path, workers: int, tag: str) -> tuple[float, list[float]]:
+def measure(root: Path, workers: int, tag: str, threads: int = 1) -> tuple[float, list[float]]:
     from birefnet.config import load_params
     from birefnet.stages.train import run
 
@@ -53,7 +55,8 @@ def measure(root: Path, workers: int, tag: str) -> tuple[float, list[float]]:
     os.chdir(root)
     try:
         params = load_params("params.yaml", [f"train.num_workers={workers}", f"train.run_name=scaling-{tag}",
-                                             f"train.out=models-{tag}"])
+                                             f"train.out=models-{tag}", f"train.threads_per_worker={threads}",
+                                             f"train.cpus_per_worker={threads}"])
         summary = run(params)
     finally:
         os.chdir(old)
@@ -65,7 +68,7 @@ def measure(root: Path, workers: int, tag: str) -> tuple[float, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--encoder", default="pvt_v2_b0")
+    parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="steps per worker per epoch")
     parser.add_argument("--epochs", type=int, default=3)
@@ -75,12 +78,17 @@ def main() -> None:
         root = build_workspace(Path(tmp), args.size, args.encoder, args.batch, args.steps, args.epochs, args.gpu)
         one, one_all = measure(root, 1, "w1")
         two, two_all = measure(root, 2, "w2")
+        threaded, threaded_all = (None, []) if args.gpu else measure(root, 1, "w1t2", threads=2)
     print(f"\nconfig: {args.encoder} {args.size}x{args.size}, batch {args.batch}/worker, {args.steps} steps/epoch, "
           f"{args.epochs} epochs, 1 thread per worker, {'GPU' if args.gpu else 'CPU'}")
     print(f"{'workers':>8} {'samples/s (median)':>20} {'per epoch':>30}")
     print(f"{1:>8} {one:>20.2f} {', '.join(f'{r:.2f}' for r in one_all):>30}")
     print(f"{2:>8} {two:>20.2f} {', '.join(f'{r:.2f}' for r in two_all):>30}")
+    if threaded is not None:
+        print(f"{'1 (x2 threads)':>8} {threaded:>20.2f} {', '.join(f'{r:.2f}' for r in threaded_all):>30}")
     print(f"scaling 2 vs 1 workers: {two / one:.2f}x")
+    if threaded is not None:
+        print(f"2 workers x 1 thread vs 1 worker x 2 threads (same 2 cores): {two / threaded:.2f}x")
 
 
 if __name__ == "__main__":

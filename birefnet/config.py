@@ -304,6 +304,7 @@ class TrainParams(Frozen):
     seed: int = 7
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    channels_last: bool = False
     memory_preset: Literal["none", "24gb", "40gb", "80gb"] = "none"
     checkpoint_every: PositiveInt = 1
     keep_checkpoints: PositiveInt = 2

@@ -28,18 +28,19 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _to(batch: dict[str, Any], key: str, device: torch.device) -> torch.Tensor | None:
+def _to(batch: dict[str, Any], key: str, device: torch.device, channels_last: bool = False) -> torch.Tensor | None:
     value = batch.get(key)
     if value is None or not isinstance(value, torch.Tensor):
         return None
-    return value.to(device, non_blocking=True)
+    value = value.to(device, non_blocking=True)
+    return value.contiguous(memory_format=torch.channels_last) if channels_last else value
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
                     criterion: Criterion, *, device: torch.device, weights: LossWeights, supervise: str, lr: float,
                     precision: str = "auto", grad_clip: float | None = None,
                     on_step: Callable[[int, dict[str, float]], None] | None = None,
-                    progress: Any = None) -> dict[str, float]:
+                    progress: Any = None, channels_last: bool = False) -> dict[str, float]:
     """Train for one pass of ``loader``.
 
     Args:
@@ -56,6 +57,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
         grad_clip: max global gradient norm, or None.
         on_step: called after every step with (step, parts).
         progress: optional tqdm-like object with ``update()``.
+        channels_last: feed images in channels_last memory format (for a model converted to it).
 
     Returns:
         Means over the epoch: ``loss`` and ``loss_<part>``, plus ``samples``, ``seconds``, ``samples_per_s``.
@@ -70,7 +72,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
     steps = samples = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
-        image = _to(batch, "image", device)
+        image = _to(batch, "image", device, channels_last)
         gradient = _to(batch, "gradient", device)
         with autocast_for(device, precision):
             output = model(image, gradient)
@@ -106,7 +108,8 @@ def predictions_to_uint8(logits: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device,
-             precision: str = "auto", hce: bool = False, progress: Any = None) -> dict[str, float]:
+             precision: str = "auto", hce: bool = False, progress: Any = None,
+             channels_last: bool = False) -> dict[str, float]:
     """Score ``model`` on one exact pass of ``loader`` with the paper's metrics.
 
     Predictions are compared at the resolution of ``batch["mask_original"]`` when the loader provides it
@@ -121,7 +124,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device
     module.eval()
     acc = MetricAccumulator()
     for batch in loader:
-        image = _to(batch, "image", device)
+        image = _to(batch, "image", device, channels_last)
         with autocast_for(device, precision):
             logits = module(image).logits
         preds = predictions_to_uint8(logits)

@@ -108,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model_params = apply_memory_preset(params)
     model = build_model(model_params)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, params)
     schedule = Schedule(train)
     start_epoch, global_step, history = 0, 0, []
@@ -162,13 +164,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         metrics = train_one_epoch(model, train_loader, optimizer, criterion, device=device, weights=at.weights,
                                   supervise=at.stage.supervise, lr=at.lr, precision=train.precision,
-                                  grad_clip=train.grad_clip, on_step=on_step)
+                                  grad_clip=train.grad_clip, on_step=on_step, channels_last=train.channels_last)
         global_step += len(train_loader)
         record: dict[str, Any] = {"epoch": epoch, "stage": at.stage.name, "stage_index": at.index, "lr": at.lr,
                                   "global_step": global_step, **{f"train_{k}": v for k, v in metrics.items()}}
         last = epoch == schedule.total_epochs - 1
         if rank == 0 and val_loaders and ((epoch + 1) % train.val_every == 0 or last):
-            per_set = {name: evaluate(model, loader, device=device, precision=train.precision)
+            per_set = {name: evaluate(model, loader, device=device, precision=train.precision,
+                                      channels_last=train.channels_last)
                        for name, loader in val_loaders.items()}
             for name, values in per_set.items():
                 record.update({f"val_{name}_{k}": v for k, v in values.items() if k != "n"})
