@@ -252,3 +252,20 @@ def test_bad_input_fails_the_run_with_the_stage_error_and_no_retry(
     assert len(repro) == 1 and repro[0]["run_count"] == 1, repro
     assert run["run_count"] == 1
     assert "Retry" not in api.logs(run_id)
+
+
+def test_prefect_cli_deploy_all_reads_the_same_prefect_yaml(prefect_env: tuple[dict[str, str], Api],
+                                                          deployment: dict[str, Any], clone: Path) -> None:
+    # Last in this file: it redeploys retrain/retrain, now with Prefect's own CLI from prefect.yaml.
+    env, api = prefect_env
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                          cwd=clone, env=dict(env, BIREFNET_REPO=str(clone)), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    redeployed = api.call("GET", "/deployments/name/retrain/retrain")
+    assert redeployed["id"] == deployment["id"]  # the same deployment, updated in place
+    assert redeployed["work_pool_name"] == POOL and redeployed["entrypoint"] == "pipelines/retrain.py:retrain"
+    assert redeployed["global_concurrency_limit"]["limit"] == 1
+    assert [s["schedule"]["cron"] for s in redeployed["schedules"]] == ["0 3 * * 1"]
+    steps = redeployed["pull_steps"]
+    assert steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}}], steps
