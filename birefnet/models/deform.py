@@ -160,13 +160,8 @@ class DeformableConv2d(nn.Module):
         Returns:
             ``(B, O, Ho, Wo)`` features.
         """
-        # Offsets and modulation come from one convolution with both weight sets stacked: the same values as
-        # two separate convolutions over the same input, with one pass over it instead of two.
-        taps = self.kernel_size * self.kernel_size
-        both = F.conv2d(x, torch.cat([self.offset.weight, self.modulator.weight]),
-                        torch.cat([self.offset.bias, self.modulator.bias]), stride=self.stride, padding=self.padding)
-        offset, modulation = both.split([2 * taps, taps], dim=1)
-        mask = 2.0 * torch.sigmoid(modulation)
+        offset = self.offset(x)
+        mask = 2.0 * torch.sigmoid(self.modulator(x))
         if resolve_deform_impl(self.impl, x.device) == "torchvision":
             return torchvision_deform_conv2d(
                 x, offset, self.conv.weight, self.conv.bias, stride=self.stride, padding=self.padding, mask=mask
