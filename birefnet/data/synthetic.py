@@ -63,14 +63,14 @@ def _distinct_color(rng: np.random.Generator, avoid: np.ndarray, min_distance: f
     Background colours keep this distance from the foreground's so that the object is visible at all; the
     similar-coloured distractors drawn on top are what makes it hard.
     """
-    best, best_d = _random_color(rng), -1.0
+    best, best_d = avoid, -1.0
     for _ in range(8):
-        c = best if best_d < 0 else _random_color(rng)
+        c = _random_color(rng)
         d = float(np.linalg.norm(c - avoid))
-        if d > best_d:
-            best, best_d = c, d
         if d >= min_distance:
             return c
+        if d > best_d:
+            best, best_d = c, d
     return best
 
 
