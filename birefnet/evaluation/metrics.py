@@ -16,7 +16,8 @@ Conventions follow PySODMetrics (``py_sod_metrics``), which the tests use as the
 Why this is fast: every pixel of a normalised prediction takes one of at most 256 values, so all of S, F, E
 and MAE are computed exactly from four per-quadrant 512-bin histograms (8-bit value x GT class) and a
 256-entry value table built with the very float operations PySODMetrics applies per pixel. Weighted F only
-needs the nearest-foreground error in a 3-pixel band around the foreground and a separable Gaussian.
+needs the nearest-foreground error in a 3-pixel band around the foreground (found by a local search that
+breaks ties as scipy's feature transform does), a separable Gaussian, and exact distances to the foreground.
 
 One deliberate difference: where PySODMetrics' S-measure returns NaN (all foreground in the last row or
 column makes a quadrant empty: ``nan * 0``), an empty quadrant contributes 0 here.
@@ -330,6 +331,75 @@ def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray) -> float:
     return _weighted_fmeasure(pred, gt, _value_table(pred))
 
 
+# Offsets (dy, dx) within the Gaussian band's reach, in the order scipy's exact feature transform resolves
+# them: nearest first, then the smallest column, then the smallest row (see _band_nearest).
+_EXACT_FLOAT32_DISTANCE = 4000.0  # sqrt(2^24) = 4096, with margin
+_BAND_REACH = 4  # a pixel within Chebyshev distance 3 of the foreground has one within Euclidean 3*sqrt(2) < 5
+_BAND_OFFSETS = sorted(
+    ((dy, dx) for dy in range(-_BAND_REACH, _BAND_REACH + 1) for dx in range(-_BAND_REACH, _BAND_REACH + 1)),
+    key=lambda o: (o[0] * o[0] + o[1] * o[1], o[1], o[0]),
+)
+
+
+def _band_nearest(gt: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest foreground pixel of each band pixel, equal to scipy's ``distance_transform_edt`` feature transform.
+
+    scipy computes the feature transform separably (Maurer et al., PAMI 2003): first the nearest feature along
+    each column (ties to the smaller row), then the lower envelope along each row (ties to the smaller
+    column). The answer for a pixel is therefore its nearest foreground pixel, ties broken by the smallest
+    column, then the smallest row. Band pixels have one within ``_BAND_REACH``, so the first offset of ``_BAND_OFFSETS`` (in that
+    order) that lands on the foreground is scipy's answer, found without transforming the whole image.
+
+    Args:
+        gt: ``(H, W)`` bool ground truth.
+        rows, cols: ``(N,)`` coordinates of background pixels within Chebyshev distance 3 of the foreground.
+
+    Returns:
+        ``(N,)`` rows and columns of their nearest foreground pixels.
+    """
+    r = _BAND_REACH
+    padded = np.zeros((gt.shape[0] + 2 * r, gt.shape[1] + 2 * r), dtype=bool)
+    padded[r:-r, r:-r] = gt
+    width = padded.shape[1]
+    flat = padded.ravel()
+    base = (rows + r) * width + (cols + r)
+    near_y, near_x = np.empty_like(rows), np.empty_like(cols)
+    todo = np.arange(len(rows))
+    for dy, dx in _BAND_OFFSETS:
+        if not len(todo):
+            break
+        hit = flat[base[todo] + (dy * width + dx)]
+        done = todo[hit]
+        near_y[done] = rows[done] + dy
+        near_x[done] = cols[done] + dx
+        todo = todo[~hit]
+    if len(todo):  # unreachable for band pixels; a guard against a wrong band
+        raise AssertionError(f"{len(todo)} band pixels without foreground within {r} pixels")
+    return near_y, near_x
+
+
+def _foreground_distance(gt: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance to the nearest foreground pixel, as float64 ``sqrt(dy^2 + dx^2)``, at ``where``.
+
+    OpenCV's precise L2 transform gives the exact distance in float32; squaring and rounding recovers the
+    integer ``dy^2 + dx^2`` while it is exact in float32 (below 2^24, distances under 4096 px), so the float64
+    square root equals scipy's bit for bit, whatever thread count or SIMD path OpenCV took. Farther pixels
+    (only in images over 4096 px) fall back to scipy's transform.
+
+    Args:
+        gt: ``(H, W)`` bool ground truth with at least one foreground pixel.
+        where: ``(H, W)`` bool pixels to return.
+
+    Returns:
+        ``(count_nonzero(where),)`` float64 distances in row-major order.
+    """
+    approx = cv2.distanceTransform((~gt).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[where]
+    if approx.size and float(approx.max()) >= _EXACT_FLOAT32_DISTANCE:
+        return distance_transform_edt(~gt)[where]
+    squared = np.rint(np.square(approx, dtype=np.float64))
+    return np.sqrt(squared, out=squared)
+
+
 def _weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, table: np.ndarray) -> float:
     n_fg = int(np.count_nonzero(gt))
     if n_fg == 0:
@@ -339,21 +409,19 @@ def _weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, table: np.ndarray) -> f
     background = ~gt
     # Pixel dependency: a background pixel takes the error of its nearest foreground pixel. Only pixels within
     # the 7x7 Gaussian's reach of the foreground matter, as the smoothed error is read on the foreground only.
-    near_y, near_x = distance_transform_edt(background, return_distances=False, return_indices=True)
     band = cv2.dilate(gt.view(np.uint8), _BAND_KERNEL).view(bool) & background
     spread = np.where(gt, error, 0.0)
-    spread[band] = error[near_y[band], near_x[band]]
+    band_rows, band_cols = np.nonzero(band)
+    near_y, near_x = _band_nearest(gt, band_rows, band_cols)
+    spread[band_rows, band_cols] = error[near_y, near_x]
     smoothed = cv2.sepFilter2D(spread, cv2.CV_64F, _WF_KERNEL, _WF_KERNEL, borderType=cv2.BORDER_CONSTANT)
     np.minimum(smoothed, error, out=smoothed)
     weighted_fg_sum = float(np.sum(smoothed, where=gt))
     # Pixel importance: background errors weighted by 2 - exp(ln(0.5) / 5 * distance to the foreground),
-    # the distance computed from the feature transform as scipy does, where the error is non-zero only.
+    # where the error is non-zero only.
     wrong_bg = background & (error > 0)
-    rows, cols = np.nonzero(wrong_bg)
-    dy = (near_y[rows, cols] - rows).astype(np.float64)
-    dx = (near_x[rows, cols] - cols).astype(np.float64)
-    distance = np.sqrt(dy * dy + dx * dx)
-    fp_w = float(np.sum(error[rows, cols] * (2 - np.exp(np.log(0.5) / 5 * distance))))
+    distance = _foreground_distance(gt, wrong_bg)
+    fp_w = float(np.sum(error[wrong_bg] * (2 - np.exp(np.log(0.5) / 5 * distance))))
     tp_w = n_fg - weighted_fg_sum
     recall = 1 - weighted_fg_sum / n_fg
     precision = tp_w / (tp_w + fp_w + EPS)

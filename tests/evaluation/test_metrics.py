@@ -133,3 +133,59 @@ def test_accumulator_schema_and_curves() -> None:
     assert np.all(np.diff(result.curves["recall"]) <= 1e-12)  # recall falls as the threshold rises
     with pytest.raises(ValueError):
         MetricAccumulator().compute()
+
+
+def _tie_heavy_masks(seed: int) -> list[np.ndarray]:
+    """Masks whose background pixels often have several nearest foreground pixels at the same distance."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for step_y, step_x in ((2, 2), (3, 5), (4, 4), (7, 3)):
+        lattice = np.zeros((41, 57), bool)
+        lattice[1::step_y, 2::step_x] = True
+        masks.append(lattice)
+    for _ in range(6):
+        masks.append(rng.random((int(rng.integers(9, 70)), int(rng.integers(9, 70)))) < rng.uniform(0.002, 0.2))
+    wires = np.zeros((64, 80), np.uint8)
+    for _ in range(5):
+        p0, p1 = tuple(int(v) for v in rng.integers(0, 64, 2)), tuple(int(v) for v in rng.integers(0, 64, 2))
+        cv2.line(wires, p0, p1, 1, int(rng.integers(1, 3)))
+    masks.append(wires.astype(bool))
+    return masks
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_band_nearest_equals_scipy_feature_transform(index: int) -> None:
+    """The local nearest-foreground search breaks ties exactly as scipy's exact feature transform does."""
+    from scipy.ndimage import distance_transform_edt
+
+    from birefnet.evaluation.metrics import _BAND_KERNEL, _band_nearest
+
+    gt = _tie_heavy_masks(seed=3)[index]
+    background = ~gt
+    near_y, near_x = distance_transform_edt(background, return_distances=False, return_indices=True)
+    band = cv2.dilate(gt.view(np.uint8), _BAND_KERNEL).view(bool) & background
+    rows, cols = np.nonzero(band)
+    ours_y, ours_x = _band_nearest(gt, rows, cols)
+    np.testing.assert_array_equal(ours_y, near_y[rows, cols])
+    np.testing.assert_array_equal(ours_x, near_x[rows, cols])
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_foreground_distance_equals_scipy_bit_for_bit(index: int) -> None:
+    from scipy.ndimage import distance_transform_edt
+
+    from birefnet.evaluation.metrics import _foreground_distance
+
+    gt = _tie_heavy_masks(seed=4)[index]
+    np.testing.assert_array_equal(_foreground_distance(gt, ~gt), distance_transform_edt(~gt)[~gt])
+
+
+def test_foreground_distance_beyond_float32_exactness_falls_back() -> None:
+    """Distances of 4000 px and more (squared beyond float32's exact integers) come from scipy."""
+    from scipy.ndimage import distance_transform_edt
+
+    from birefnet.evaluation.metrics import _foreground_distance
+
+    gt = np.zeros((3, 4100), bool)
+    gt[1, 0] = True
+    np.testing.assert_array_equal(_foreground_distance(gt, ~gt), distance_transform_edt(~gt)[~gt])
