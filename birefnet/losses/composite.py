@@ -104,8 +104,16 @@ class BiRefNetLoss(nn.Module):
             parts: dict[str, torch.Tensor] = {}
             maps = [_resize_to(m.float(), target) for m in output.supervised_logits]
             for name in REGION_TERMS:
-                if self.weights[name]:
-                    parts[name] = self.weights[name] * sum(self.terms[name](m, target) for m in maps)
+                if not self.weights[name]:
+                    continue
+                if name == "ssim":
+                    # One pass over the maps stacked on channels (the target blurred once): the mean SSIM of
+                    # the stack is the mean of the per-map SSIMs, so the sum of the per-map losses is
+                    # len(maps) times the stack's loss.
+                    value = len(maps) * self.terms[name](torch.cat(maps, dim=1), target)
+                else:
+                    value = sum(self.terms[name](m, target) for m in maps)
+                parts[name] = self.weights[name] * value
             if self.weights["ce"] and output.class_logits is not None and class_target is not None:
                 parts["ce"] = self.weights["ce"] * self.terms["ce"](output.class_logits, class_target)
             if self.weights["gradient"] and output.gradient_logits:

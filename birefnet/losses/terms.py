@@ -61,7 +61,8 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 class SSIMLoss(nn.Module):
     """``(1 - SSIM) / 2`` with an 11x11 Gaussian window (sigma 1.5), zero padding, C1 = 0.01^2, C2 = 0.03^2.
 
-    SSIM is the mean of the SSIM map over batch, channels and pixels.
+    SSIM is the mean of the SSIM map over batch, channels and pixels. The target may have one channel for a
+    prediction of several (maps stacked on channels share one blurred target).
     """
 
     def __init__(self, window_size: int = 11, sigma: float = 1.5) -> None:
@@ -69,33 +70,66 @@ class SSIMLoss(nn.Module):
         self.register_buffer("line", gaussian_line(window_size, sigma), persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) logits and targets -> scalar."""
+        """(B, C, H, W) logits and (B, C or 1, H, W) targets -> scalar."""
         with torch.autocast(logits.device.type, enabled=False):
             logits, target = _fp32(logits, target.clamp(0, 1))
             return (1 - ssim(torch.sigmoid(logits), target, self.line.to(logits.device))) / 2
 
 
+class _SymmetricBlur(torch.autograd.Function):
+    """Depthwise separable blur with a symmetric window and zero padding, whose backward is the same blur.
+
+    A zero-padded correlation's adjoint is the correlation with the flipped window, here the window itself,
+    so the gradient is one more forward blur: about twice as fast on CPU as the grouped convolution's own
+    backward (``convolution_backward`` on depthwise maps), with the same values up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, stack: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(line)
+        return _blur(stack, line)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (line,) = ctx.saved_tensors
+        return _blur(grad, line), None
+
+
+def _blur(stack: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+    """Blur every channel of ``(B, C, H, W)`` with the separable window ``line`` (two 1-D passes, zero padding).
+
+    The same sums as one k x k convolution, about k/2 times cheaper; channels_last is the faster layout for
+    these depthwise passes on CPU.
+    """
+    size, groups = line.numel(), stack.shape[1]
+    stack = stack.contiguous(memory_format=torch.channels_last)
+    vertical = line.to(stack.dtype).view(1, 1, size, 1).expand(groups, 1, size, 1)
+    horizontal = line.to(stack.dtype).view(1, 1, 1, size).expand(groups, 1, 1, size)
+    vertical_pass = F.conv2d(stack, vertical, padding=(size // 2, 0), groups=groups)
+    return F.conv2d(vertical_pass, horizontal, padding=(0, size // 2), groups=groups)
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of two ``(B, C, H, W)`` maps in [0, 1], per channel, with a separable Gaussian window.
+    """Mean SSIM of two maps in [0, 1], per channel, with a separable Gaussian window.
 
     Args:
-        line: ``(k,)`` 1-D window; the 2-D window is its outer product, applied with zero padding as two
-            1-D passes (the same sums as one k x k convolution, about k/2 times cheaper).
+        x: ``(B, C, H, W)`` prediction.
+        y: ``(B, C, H, W)`` target, or ``(B, 1, H, W)`` shared by every channel of ``x`` (blurred once).
+        line: ``(k,)`` symmetric 1-D window; the 2-D window is its outer product.
+
+    Returns:
+        The mean of the SSIM map over batch, channels and pixels.
     """
+    if line.numel() % 2 == 0 or not torch.equal(line, line.flip(0)):
+        raise ValueError("the SSIM window must be symmetric with an odd length")
     channels = x.shape[1]
-    size = line.numel()
-    # x, y, x*x, y*y, x*y blurred in one grouped pass per direction.
-    stack = torch.cat((x, y, x * x, y * y, x * y), dim=1)
-    groups = stack.shape[1]
-    vertical = line.to(x.dtype).view(1, 1, size, 1).expand(groups, 1, size, 1)
-    horizontal = line.to(x.dtype).view(1, 1, 1, size).expand(groups, 1, 1, size)
-    blurred = F.conv2d(
-        F.conv2d(stack, vertical, padding=(size // 2, 0), groups=groups),
-        horizontal,
-        padding=(0, size // 2),
-        groups=groups,
-    )
-    mu_x, mu_y, xx, yy, xy = blurred.split(channels, dim=1)
+    if y.shape[1] not in (1, channels):
+        raise ValueError(f"target has {y.shape[1]} channels, expected 1 or {channels}")
+    blurred_x = _SymmetricBlur.apply(torch.cat((x, x * x, x * y.expand_as(x)), dim=1), line)
+    mu_x, xx, xy = blurred_x.split(channels, dim=1)
+    y_stack = torch.cat((y, y * y), dim=1)
+    blurred_y = _SymmetricBlur.apply(y_stack, line) if y.requires_grad else _blur(y_stack, line)
+    mu_y, yy = blurred_y.split(y.shape[1], dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     sigma_xx, sigma_yy, sigma_xy = xx - mu_xx, yy - mu_yy, xy - mu_xy
     c1, c2 = 0.01**2, 0.03**2

@@ -95,6 +95,52 @@ def test_ssim_matches_direct_computation() -> None:
     assert SSIMLoss()(logits, target).item() == pytest.approx(expected, rel=1e-5)
 
 
+def grouped_conv_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM through plain autograd: one 11x11 grouped convolution per statistic, zero padding."""
+    from birefnet.losses.terms import gaussian_line
+
+    line = gaussian_line(11, 1.5).to(x.dtype)
+    window = torch.outer(line, line)[None, None]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window.expand(t.shape[1], 1, 11, 11), padding=5, groups=t.shape[1])
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))).mean()
+
+
+def test_ssim_value_and_gradient_equal_plain_autograd() -> None:
+    """The blur's hand-written backward (the blur itself) gives autograd's gradient, for stacked maps too."""
+    from birefnet.losses.terms import gaussian_line, ssim
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 19, 23, generator=generator, dtype=torch.float64, requires_grad=True)
+    y = (torch.rand(2, 1, 19, 23, generator=generator, dtype=torch.float64) > 0.6).double()
+    line = gaussian_line().double()
+    ours = ssim(x, y, line)
+    (grad,) = torch.autograd.grad(ours, x)
+    expected = grouped_conv_ssim(x, y.expand_as(x))
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    # a target that requires grad gets its gradient through the same blur
+    y_soft = torch.rand(1, 1, 9, 8, dtype=torch.float64, requires_grad=True)
+    x_soft = torch.rand(1, 1, 9, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ssim(x_soft, t, line), (y_soft,))
+    with pytest.raises(ValueError, match="symmetric"):
+        ssim(x, y, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+
+
+def test_ssim_of_stacked_maps_is_mean_of_per_map_ssim() -> None:
+    generator = torch.Generator().manual_seed(3)
+    maps = [torch.randn(2, 1, 24, 20, generator=generator) for _ in range(4)]
+    target = (torch.rand(2, 1, 24, 20, generator=generator) > 0.5).float()
+    stacked = 4 * SSIMLoss()(torch.cat(maps, dim=1), target)
+    torch.testing.assert_close(stacked, sum(SSIMLoss()(m, target) for m in maps))
+
+
 def model_like_output(mask: torch.Tensor, logits: torch.Tensor, with_gradient: bool = True) -> BiRefNetOutput:
     stages = [torch.nn.functional.interpolate(logits, scale_factor=1 / s, mode="bilinear") for s in (8, 4, 2)]
     gradient_logits = [torch.zeros(mask.shape[0], 1, 4 * 2**i, 4 * 2**i) for i in range(3)] if with_gradient else []
