@@ -347,8 +347,9 @@ def _band_nearest(gt: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[n
     scipy computes the feature transform separably (Maurer et al., PAMI 2003): first the nearest feature along
     each column (ties to the smaller row), then the lower envelope along each row (ties to the smaller
     column). The answer for a pixel is therefore its nearest foreground pixel, ties broken by the smallest
-    column, then the smallest row. Band pixels have one within ``_BAND_REACH``, so the first offset of ``_BAND_OFFSETS`` (in that
-    order) that lands on the foreground is scipy's answer, found without transforming the whole image.
+    column, then the smallest row. Band pixels have one within ``_BAND_REACH``, so the first offset of
+    ``_BAND_OFFSETS`` (in that order) that lands on the foreground is scipy's answer, found without
+    transforming the whole image.
 
     Args:
         gt: ``(H, W)`` bool ground truth.
