@@ -2,16 +2,23 @@
 
 Ray's dashboard process probes cloud metadata addresses (169.254.169.254, metadata.google.internal) even
 with usage stats off, and there is no switch for it. When Ray's usage module is imported, replace its probe
-with one that answers "unknown" without touching the network. Nothing else is changed.
+with one that answers "unknown" without touching the network.
+
+Ray Train's placement-group cleaner asks the State API (served by the dashboard, which in-process Ray here
+runs without) whether the controller is alive, once a second, and logs a warning each time it cannot: the
+first one is kept, its repeats are dropped. Nothing else is changed.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 
 _TARGET = "ray._common.usage.usage_lib"
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_STATE_API_WARNING = "State API may be temporarily unavailable"
 
 
 def _no_probe(*_args: object, **_kwargs: object) -> str:
@@ -39,3 +46,25 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
     sys.meta_path.insert(0, _PatchOnImport())
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record containing ``text`` and drops its repeats; other records pass."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+_cleaner_logger = logging.getLogger(_CLEANER_LOGGER)
+if not any(isinstance(f, _FirstOnly) for f in _cleaner_logger.filters):
+    _cleaner_logger.addFilter(_FirstOnly(_STATE_API_WARNING))
