@@ -115,17 +115,16 @@ def ssim(x: torch.Tensor, y: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
     Args:
         x: ``(B, C, H, W)`` prediction.
         y: ``(B, C, H, W)`` target, or ``(B, 1, H, W)`` shared by every channel of ``x`` (blurred once).
-        line: ``(k,)`` symmetric 1-D window; the 2-D window is its outer product.
+        line: ``(k,)`` symmetric 1-D window of odd length (the blur's backward relies on the symmetry); the
+            2-D window is its outer product.
 
     Returns:
         The mean of the SSIM map over batch, channels and pixels.
     """
-    if line.numel() % 2 == 0 or not torch.equal(line, line.flip(0)):
-        raise ValueError("the SSIM window must be symmetric with an odd length")
     channels = x.shape[1]
     if y.shape[1] not in (1, channels):
         raise ValueError(f"target has {y.shape[1]} channels, expected 1 or {channels}")
-    blurred_x = _SymmetricBlur.apply(torch.cat((x, x * x, x * y.expand_as(x)), dim=1), line)
+    blurred_x = _SymmetricBlur.apply(torch.cat((x, x * x, x * y), dim=1), line)
     mu_x, xx, xy = blurred_x.split(channels, dim=1)
     y_stack = torch.cat((y, y * y), dim=1)
     blurred_y = _SymmetricBlur.apply(y_stack, line) if y.requires_grad else _blur(y_stack, line)
