@@ -331,10 +331,10 @@ def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray) -> float:
     return _weighted_fmeasure(pred, gt, _value_table(pred))
 
 
-# Offsets (dy, dx) within the Gaussian band's reach, in the order scipy's exact feature transform resolves
-# them: nearest first, then the smallest column, then the smallest row (see _band_nearest).
-_EXACT_FLOAT32_DISTANCE = 4000.0  # sqrt(2^24) = 4096, with margin
+_EXACT_FLOAT32_DISTANCE = 4000.0  # below sqrt(2^24) = 4096 px, squared distances are exact in float32
 _BAND_REACH = 4  # a pixel within Chebyshev distance 3 of the foreground has one within Euclidean 3*sqrt(2) < 5
+# Offsets (dy, dx) within the band's reach, in the order scipy's exact feature transform resolves them:
+# nearest first, then the smallest column, then the smallest row (see _band_nearest).
 _BAND_OFFSETS = sorted(
     ((dy, dx) for dy in range(-_BAND_REACH, _BAND_REACH + 1) for dx in range(-_BAND_REACH, _BAND_REACH + 1)),
     key=lambda o: (o[0] * o[0] + o[1] * o[1], o[1], o[0]),
