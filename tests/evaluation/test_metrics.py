@@ -7,10 +7,14 @@ import math
 import cv2
 import numpy as np
 import pytest
+from scipy.ndimage import distance_transform_edt
 
 from birefnet.evaluation.metrics import (
+    _BAND_KERNEL,
     METRIC_KEYS,
     MetricAccumulator,
+    _band_nearest,
+    _foreground_distance,
     s_measure,
     score_image,
     score_set,
@@ -156,10 +160,6 @@ def _tie_heavy_masks(seed: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("index", range(11))
 def test_band_nearest_equals_scipy_feature_transform(index: int) -> None:
     """The local nearest-foreground search breaks ties exactly as scipy's exact feature transform does."""
-    from scipy.ndimage import distance_transform_edt
-
-    from birefnet.evaluation.metrics import _BAND_KERNEL, _band_nearest
-
     gt = _tie_heavy_masks(seed=3)[index]
     background = ~gt
     near_y, near_x = distance_transform_edt(background, return_distances=False, return_indices=True)
@@ -172,20 +172,12 @@ def test_band_nearest_equals_scipy_feature_transform(index: int) -> None:
 
 @pytest.mark.parametrize("index", range(11))
 def test_foreground_distance_equals_scipy_bit_for_bit(index: int) -> None:
-    from scipy.ndimage import distance_transform_edt
-
-    from birefnet.evaluation.metrics import _foreground_distance
-
     gt = _tie_heavy_masks(seed=4)[index]
     np.testing.assert_array_equal(_foreground_distance(gt, ~gt), distance_transform_edt(~gt)[~gt])
 
 
 def test_foreground_distance_beyond_float32_exactness_falls_back() -> None:
     """Distances of 4000 px and more (squared beyond float32's exact integers) come from scipy."""
-    from scipy.ndimage import distance_transform_edt
-
-    from birefnet.evaluation.metrics import _foreground_distance
-
     gt = np.zeros((3, 4100), bool)
     gt[1, 0] = True
     np.testing.assert_array_equal(_foreground_distance(gt, ~gt), distance_transform_edt(~gt)[~gt])
