@@ -8,6 +8,12 @@ On CUDA, ``--device cuda --dtype bf16 --channels-last --compile`` select the GPU
 the Swin encoder always goes through ``F.scaled_dot_product_attention`` (timm's fused path).
 The table reports medians over ``--repeats`` timed steps (after ``--warmup``) and, per size and mode, the
 ratio of every implementation's time to the first one listed in ``--impls``.
+
+An implementation name may carry ``:two-conv``: the inward-reference embeddings then run as their two 3x3
+convolutions instead of the composed 5x5 kernel (same parameters and outputs), e.g. the default model:
+
+    python benchmarks/model_step.py --encoder resnet10t --sizes 320 --batch 2 --modes train --channels-last \
+        --impls sampling:two-conv,sampling --set multiscale_input=none --set attention=none --set drop_path_rate=0
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--impls", default="torchvision,sampling", help="deformable conv implementations to compare")
+    parser.add_argument("--impls", default="torchvision,sampling",
+                        help="deformable conv implementations to compare; NAME:two-conv runs the inward-reference "
+                             "embeddings as two 3x3 convolutions (not the composed 5x5 kernel)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no grad) and/or train (fwd+loss+bwd)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
@@ -64,13 +72,21 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     from birefnet.config import ModelParams
     from birefnet.losses import BiRefNetLoss
     from birefnet.models import build_model
+    from birefnet.models.blocks import SimpleConvs
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     device = torch.device(config["device"])
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in config["overrides"])}
-    params = ModelParams(encoder=config["encoder"], deform_impl=config["impl"], **overrides)
+    deform_impl, _, variant = config["impl"].partition(":")
+    if variant not in ("", "two-conv"):
+        raise ValueError(f"unknown implementation variant {variant!r} in {config['impl']!r} (known: two-conv)")
+    params = ModelParams(encoder=config["encoder"], deform_impl=deform_impl, **overrides)
     model = build_model(params).to(device)
+    if variant == "two-conv":
+        for block in model.modules():
+            if isinstance(block, SimpleConvs):
+                block.fused = False
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     runner = torch.compile(model) if config["compile"] else model
@@ -145,18 +161,18 @@ def format_table(rows: Sequence[dict[str, Any]], impls: Sequence[str]) -> str:
         if row.get("impl") == impls[0] and "error" not in row:
             reference[(row["size"], row["mode"])] = row["seconds_per_image"]
     versus = "vs " + impls[0]
-    header = f"{'encoder':<12} {'size':>9} {'mode':<6} {'impl':<12} {'s/img (median)':>15} {'peak MB':>9} {versus:>16}"
+    header = f"{'encoder':<12} {'size':>9} {'mode':<6} {'impl':<18} {'s/img (median)':>15} {'peak MB':>9} {versus:>16}"
     lines = [header, "-" * len(header)]
     for row in rows:
         if "error" in row:
             lines.append(
-                f"{row['encoder']:<12} {str(row['size']):>9} {row['mode']:<6} {row['impl']:<12} {row['error']}"
+                f"{row['encoder']:<12} {str(row['size']):>9} {row['mode']:<6} {row['impl']:<18} {row['error']}"
             )
             continue
         base = reference.get((row["size"], row["mode"]))
         ratio = f"{base / row['seconds_per_image']:.2f}x faster" if base else "-"
         lines.append(
-            f"{row['encoder']:<12} {row['size']:>9} {row['mode']:<6} {row['impl']:<12} "
+            f"{row['encoder']:<12} {row['size']:>9} {row['mode']:<6} {row['impl']:<18} "
             f"{row['seconds_per_image']:>15.3f} {row['peak_mb']:>9.0f} {ratio:>16}"
         )
     return "\n".join(lines)
