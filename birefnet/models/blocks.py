@@ -262,7 +262,8 @@ class SimpleConvs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) -> (B, out, H, W)."""
-        if not self.fused or x.shape[-2] < 3 or x.shape[-1] < 3:
+        # ONNX export keeps the two convolutions: the exporter needs kernels of known shape, not computed ones.
+        if not self.fused or x.shape[-2] < 3 or x.shape[-1] < 3 or torch.onnx.is_in_onnx_export():
             return self.conv_out(self.conv_in(x))
         return composed_conv3x3_pair(x, self.conv_in.weight, self.conv_in.bias, self.conv_out.weight,
                                      self.conv_out.bias)
