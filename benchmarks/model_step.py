@@ -72,7 +72,6 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     from birefnet.config import ModelParams
     from birefnet.losses import BiRefNetLoss
     from birefnet.models import build_model
-    from birefnet.models.blocks import SimpleConvs
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -84,9 +83,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     params = ModelParams(encoder=config["encoder"], deform_impl=deform_impl, **overrides)
     model = build_model(params).to(device)
     if variant == "two-conv":
-        for block in model.modules():
-            if isinstance(block, SimpleConvs):
-                block.fused = False
+        model.set_composed_embedding(False)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     runner = torch.compile(model) if config["compile"] else model

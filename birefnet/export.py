@@ -124,8 +124,9 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
                 dynamic_hw: bool = False) -> Path:
     """Write ``model`` as ONNX (dynamic batch; dynamic H/W with ``dynamic_hw``).
 
-    The model's deformable convolutions are switched to the ``sampling`` kernel for the trace and restored
-    afterwards; the model is traced on CPU in fp32.
+    The model's deformable convolutions are switched to the ``sampling`` kernel and its inward-reference
+    embeddings to their two convolutions for the trace, and restored afterwards; the model is traced on CPU
+    in fp32.
 
     Args:
         model: a BiRefNet.
@@ -149,9 +150,11 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
     out.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     previous = {module: module.impl for module in model.deformable_convs()}
+    composed = {module: module.fused for module in model.inward_embeddings()}
     was_training = model.training
     model.cpu().eval()
     model.set_deform_impl("sampling")
+    model.set_composed_embedding(False)  # the TorchScript exporter needs kernels of known shape
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -167,6 +170,8 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
     finally:
         for module, impl in previous.items():
             module.impl = impl
+        for module, fused in composed.items():
+            module.fused = fused
         model.to(device).train(was_training)
     import onnx
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from birefnet.models.blocks import AttentionKind, make_decoder_block
+from birefnet.models.blocks import AttentionKind, SimpleConvs, make_decoder_block
 from birefnet.models.decoder import Decoder, resize
 from birefnet.models.deform import DeformableConv2d, DeformImpl
 from birefnet.models.encoders import create_encoder
@@ -146,6 +146,16 @@ class BiRefNet(nn.Module):
         """Switch the deformable-convolution kernel of every layer (parameters are unchanged)."""
         for module in self.deformable_convs():
             module.impl = impl
+
+    def inward_embeddings(self) -> Iterator[SimpleConvs]:
+        """Every inward-reference patch embedding of the model."""
+        return (m for m in self.modules() if isinstance(m, SimpleConvs))
+
+    def set_composed_embedding(self, enabled: bool) -> None:
+        """Run the inward-reference embeddings as their composed 5x5 kernel where it saves work (the default),
+        or always as two 3x3 convolutions (parameters and outputs are unchanged)."""
+        for module in self.inward_embeddings():
+            module.fused = module.saves_work if enabled else False
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features with the image pyramid input applied.

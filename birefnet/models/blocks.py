@@ -258,12 +258,12 @@ class SimpleConvs(nn.Module):
         two_conv_cost = inter_channels * (in_channels + out_channels) * 9
         # Only where the saving is large: at half the multiply-adds (48 -> 64 -> 16 at stride 4) the 5x5
         # convolution measured slower on CPU than the two 3x3 ones.
-        self.fused = composed_cost * FUSE_MIN_SAVING < two_conv_cost if fused is None else fused
+        self.saves_work = composed_cost * FUSE_MIN_SAVING < two_conv_cost
+        self.fused = self.saves_work if fused is None else fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) -> (B, out, H, W)."""
-        # ONNX export keeps the two convolutions: the exporter needs kernels of known shape, not computed ones.
-        if not self.fused or x.shape[-2] < 3 or x.shape[-1] < 3 or torch.onnx.is_in_onnx_export():
+        if not self.fused or x.shape[-2] < 3 or x.shape[-1] < 3:
             return self.conv_out(self.conv_in(x))
         return composed_conv3x3_pair(x, self.conv_in.weight, self.conv_in.bias, self.conv_out.weight,
                                      self.conv_out.bias)
@@ -295,36 +295,35 @@ def composed_conv3x3_pair(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | 
     # the two-convolution path sees the second convolution's zero padding. Those ring values come from
     # three-wide strips of the first convolution over the zero-padded input; subtract what they contribute.
     padded = F.pad(x, (2, 2, 2, 2))
-
-    grid_w, grid_h = width + 2, height + 2
-    top = F.conv2d(padded[:, :, 0:5, :], w1, b1)  # grid rows 0..2
-    bottom = F.conv2d(padded[:, :, height - 1:height + 4, :], w1, b1)  # grid rows H-1..H+1
-    left = F.conv2d(padded[:, :, :, 0:5], w1, b1)  # grid cols 0..2
-    right = F.conv2d(padded[:, :, :, width - 1:width + 4], w1, b1)  # grid cols W-1..W+1
-
-    def outside_rows(strip: torch.Tensor, ring_row: int) -> torch.Tensor:
-        # A 3-row strip: the ring row entirely, and the ring columns (0 and W+1) of the other rows.
-        keep = torch.zeros(1, 1, 3, grid_w, dtype=strip.dtype, device=strip.device)
-        keep[..., ring_row, :] = 1.0
-        keep[..., :, 0] = 1.0
-        keep[..., :, grid_w - 1] = 1.0
-        return strip * keep
-
-    def outside_cols(strip: torch.Tensor, ring_col: int) -> torch.Tensor:
-        keep = torch.zeros(1, 1, grid_h, 3, dtype=strip.dtype, device=strip.device)
-        keep[..., :, ring_col] = 1.0
-        keep[..., 0, :] = 1.0
-        keep[..., grid_h - 1, :] = 1.0
-        return strip * keep
-
-    fix_top = F.conv2d(outside_rows(top, 0), w2)  # output row 0
-    fix_bottom = F.conv2d(outside_rows(bottom, 2), w2)  # output row H-1
-    # Columns: output rows 1..H-2 only (the corners are in the row fixes); they read grid rows 1..H.
-    fix_left = F.conv2d(outside_cols(left, 0)[:, :, 1:height + 1, :], w2)
-    fix_right = F.conv2d(outside_cols(right, 2)[:, :, 1:height + 1, :], w2)
-    y = y.clone()
-    y[:, :, 0:1, :] -= fix_top
-    y[:, :, height - 1:height, :] -= fix_bottom
-    y[:, :, 1:height - 1, 0:1] -= fix_left
-    y[:, :, 1:height - 1, width - 1:width] -= fix_right
+    w1_t, w2_t = w1.transpose(-1, -2), w2.transpose(-1, -2)
+    # Rows: output rows 0 and H-1. Columns (the same on the transposed strips): rows 1..H-2 only, as the
+    # corners are in the row fixes.
+    y[:, :, 0:1, :] -= _edge_fix(padded[:, :, 0:5, :], w1, b1, w2, ring_row=0)
+    y[:, :, height - 1:height, :] -= _edge_fix(padded[:, :, height - 1:height + 4, :], w1, b1, w2, ring_row=2)
+    left = _edge_fix(padded[:, :, :, 0:5].transpose(-1, -2), w1_t, b1, w2_t, ring_row=0).transpose(-1, -2)
+    right = _edge_fix(padded[:, :, :, width - 1:width + 4].transpose(-1, -2), w1_t, b1, w2_t,
+                      ring_row=2).transpose(-1, -2)
+    y[:, :, 1:height - 1, 0:1] -= left[:, :, 1:height - 1]
+    y[:, :, 1:height - 1, width - 1:width] -= right[:, :, 1:height - 1]
     return y
+
+
+def _edge_fix(rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+              ring_row: int) -> torch.Tensor:
+    """What the ring outside the image adds to one output row of the composed kernel.
+
+    Args:
+        rows: five rows of the input zero-padded by 2, ``(B, C_in, 5, W + 4)``, giving three rows of the first
+            convolution on the ``(H+2) x (W+2)`` grid.
+        ring_row: which of those three rows (0 or 2) lies outside the image; of the others only the two end
+            columns do.
+
+    Returns:
+        ``(B, C_out, 1, W)``.
+    """
+    strip = F.conv2d(rows, w1, b1)
+    outside = torch.zeros_like(strip[:1, :1])
+    outside[..., ring_row, :] = 1.0
+    outside[..., :, 0] = 1.0
+    outside[..., :, -1] = 1.0
+    return F.conv2d(strip * outside, w2)
