@@ -9,11 +9,12 @@ the Swin encoder always goes through ``F.scaled_dot_product_attention`` (timm's 
 The table reports medians over ``--repeats`` timed steps (after ``--warmup``) and, per size and mode, the
 ratio of every implementation's time to the first one listed in ``--impls``.
 
-An implementation name may carry ``:two-conv``: the inward-reference embeddings then run as their two 3x3
-convolutions instead of the composed 5x5 kernel (same parameters and outputs), e.g. the default model:
+An implementation name may carry ``:plain``: the model then runs every layer as stated, without the exact
+rewrites that compute kernels from the weights (``BiRefNet.set_computed_kernels``: composed inward-reference
+embeddings, the final head folded ahead of the upsampling; same parameters and outputs), e.g. the default model:
 
     python benchmarks/model_step.py --encoder resnet10t --sizes 320 --batch 2 --modes train --channels-last \
-        --impls sampling:two-conv,sampling --set multiscale_input=none --set attention=none --set drop_path_rate=0
+        --impls sampling:plain,sampling --set multiscale_input=none --set attention=none --set drop_path_rate=0
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--impls", default="torchvision,sampling",
-                        help="deformable conv implementations to compare; NAME:two-conv runs the inward-reference "
-                             "embeddings as two 3x3 convolutions (not the composed 5x5 kernel)")
+                        help="deformable conv implementations to compare; NAME:plain runs every layer as stated "
+                             "(no composed embedding kernels, no final head folded ahead of the upsampling)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no grad) and/or train (fwd+loss+bwd)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
@@ -78,12 +79,12 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(config["device"])
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in config["overrides"])}
     deform_impl, _, variant = config["impl"].partition(":")
-    if variant not in ("", "two-conv"):
-        raise ValueError(f"unknown implementation variant {variant!r} in {config['impl']!r} (known: two-conv)")
+    if variant not in ("", "plain"):
+        raise ValueError(f"unknown implementation variant {variant!r} in {config['impl']!r} (known: plain)")
     params = ModelParams(encoder=config["encoder"], deform_impl=deform_impl, **overrides)
     model = build_model(params).to(device)
-    if variant == "two-conv":
-        model.set_composed_embedding(False)
+    if variant == "plain":
+        model.set_computed_kernels(False)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     runner = torch.compile(model) if config["compile"] else model

@@ -150,14 +150,13 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
     out.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     previous = {module: module.impl for module in model.deformable_convs()}
-    composed = {module: module.fused for module in model.inward_embeddings()}
     was_training = model.training
     model.cpu().eval()
     model.set_deform_impl("sampling")
-    model.set_composed_embedding(False)  # the TorchScript exporter needs kernels of known shape
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter needs kernels of known shape: no kernels computed from the weights.
+        with torch.no_grad(), warnings.catch_warnings(), model.layers_as_stated():
             # The tracer warns on every shape comparison (resize identities, stride checks): they hold for all
             # sizes that are multiples of 32, which is what the parity check at a second size verifies.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -170,8 +169,6 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
     finally:
         for module, impl in previous.items():
             module.impl = impl
-        for module, fused in composed.items():
-            module.fused = fused
         model.to(device).train(was_training)
     import onnx
 

@@ -8,6 +8,7 @@ returns a ``BiRefNetOutput`` with the same fields in train and eval mode.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from birefnet.models.blocks import AttentionKind, SimpleConvs, make_decoder_block
+from birefnet.models.blocks import AttentionKind, SimpleConvs, _BranchPyramid, make_decoder_block
 from birefnet.models.decoder import Decoder, resize
 from birefnet.models.deform import DeformableConv2d, DeformImpl
 from birefnet.models.encoders import create_encoder
@@ -151,11 +152,32 @@ class BiRefNet(nn.Module):
         """Every inward-reference patch embedding of the model."""
         return (m for m in self.modules() if isinstance(m, SimpleConvs))
 
-    def set_composed_embedding(self, enabled: bool) -> None:
-        """Run the inward-reference embeddings as their composed 5x5 kernel where it saves work (the default),
-        or always as two 3x3 convolutions (parameters and outputs are unchanged)."""
+    def set_computed_kernels(self, enabled: bool) -> None:
+        """Run the exact rewrites that compute kernels from the weights (the default), or every layer as stated.
+
+        The rewrites: the inward-reference embeddings as composed 5x5 kernels where that saves work, the
+        ASPP projections as per-branch shares (no concatenated map), and the final 1x1 head folded ahead of the
+        full-size upsampling. Parameters and outputs are unchanged; ONNX export runs the layers as stated.
+        """
         for module in self.inward_embeddings():
-            module.fused = module.saves_work if enabled else False
+            module.fused = None if enabled else False
+        for module in self.modules():
+            if isinstance(module, _BranchPyramid):
+                module.split_projection = enabled
+        self.decoder.fold_final_head = enabled
+
+    @contextlib.contextmanager
+    def layers_as_stated(self) -> Iterator[None]:
+        """Within the block, ``set_computed_kernels(False)``; every module's own setting is restored after."""
+        saved = [(module, key, getattr(module, key)) for module in self.modules()
+                 for key in ("fused", "split_projection", "fold_final_head")
+                 if isinstance(module, SimpleConvs | _BranchPyramid | Decoder) and hasattr(module, key)]
+        self.set_computed_kernels(False)
+        try:
+            yield
+        finally:
+            for module, key, value in saved:
+                setattr(module, key, value)
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features with the image pyramid input applied.

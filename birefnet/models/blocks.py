@@ -80,18 +80,53 @@ class GlobalPoolBranch(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in, H, W) -> (B, out, H, W), constant over H and W."""
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W) -> (B, out, 1, 1), the value ``forward`` broadcasts."""
         pooled = self.conv(F.adaptive_avg_pool2d(x, 1))
         if self.training and pooled.shape[0] == 1:
             bn = self.bn
             pooled = F.batch_norm(pooled, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         else:
             pooled = self.bn(pooled)
-        return F.relu(pooled).expand(-1, -1, x.shape[2], x.shape[3])
+        return F.relu(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W) -> (B, out, H, W), constant over H and W."""
+        return self.pooled(x).expand(-1, -1, x.shape[2], x.shape[3])
 
 
-class ASPP(nn.Module):
+class _BranchPyramid(nn.Module):
+    """Parallel branches plus a global-pool branch, concatenated, projected by a 1x1 conv -> BN -> ReLU ->
+    dropout back to the input width (the body shared by ``ASPP`` and ``ASPPDeformable``).
+
+    With ``split_projection`` (the default) the 1x1 projection of the concatenation runs as the sum of each
+    branch's share of it, and the pooled branch's share is computed once per image and broadcast: the same
+    function without building the concatenated map (``BiRefNet.set_computed_kernels(False)`` switches it off).
+    """
+
+    def __init__(self, in_channels: int, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.pool = GlobalPoolBranch(in_channels, ASPP_CHANNELS)
+        self.project = nn.Conv2d(ASPP_CHANNELS * (len(branches) + 1), in_channels, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(in_channels)
+        self.dropout = nn.Dropout(0.5)
+        self.split_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        if not self.split_projection:
+            parts = [branch(x) for branch in self.branches] + [self.pool(x)]
+            projected = self.project(torch.cat(parts, dim=1))
+        else:
+            shares = self.project.weight.split(ASPP_CHANNELS, dim=1)
+            projected = F.conv2d(self.pool.pooled(x), shares[-1])
+            for branch, share in zip(self.branches, shares, strict=False):
+                projected = projected + F.conv2d(branch(x), share)
+        return self.dropout(F.relu(self.project_bn(projected)))
+
+
+class ASPP(_BranchPyramid):
     """Atrous spatial pyramid pooling: a 1x1 and three dilated 3x3 branches plus a global-pool branch.
 
     Args:
@@ -99,22 +134,11 @@ class ASPP(nn.Module):
     """
 
     def __init__(self, in_channels: int) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(
-            ConvBranch(in_channels, ASPP_CHANNELS, 1 if d == 1 else 3, dilation=d) for d in ASPP_DILATIONS
-        )
-        self.pool = GlobalPoolBranch(in_channels, ASPP_CHANNELS)
-        self.project = nn.Conv2d(ASPP_CHANNELS * (len(ASPP_DILATIONS) + 1), in_channels, 1, bias=False)
-        self.project_bn = nn.BatchNorm2d(in_channels)
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
-        parts = [branch(x) for branch in self.branches] + [self.pool(x)]
-        return self.dropout(F.relu(self.project_bn(self.project(torch.cat(parts, dim=1)))))
+        super().__init__(in_channels, [ConvBranch(in_channels, ASPP_CHANNELS, 1 if d == 1 else 3, dilation=d)
+                                       for d in ASPP_DILATIONS])
 
 
-class ASPPDeformable(nn.Module):
+class ASPPDeformable(_BranchPyramid):
     """The reconstruction block: deformable branches (1x1, then 1x1/3x3/7x7) plus a global-pool branch.
 
     Upstream has two 1x1 deformable branches (``aspp1`` and the first of ``aspp_deforms``); both are kept
@@ -126,20 +150,8 @@ class ASPPDeformable(nn.Module):
     """
 
     def __init__(self, in_channels: int, deform_impl: DeformImpl = "auto") -> None:
-        super().__init__()
-        kernels = (1, *DEFORMABLE_KERNELS)
-        self.branches = nn.ModuleList(
-            ConvBranch(in_channels, ASPP_CHANNELS, k, deformable=True, deform_impl=deform_impl) for k in kernels
-        )
-        self.pool = GlobalPoolBranch(in_channels, ASPP_CHANNELS)
-        self.project = nn.Conv2d(ASPP_CHANNELS * (len(kernels) + 1), in_channels, 1, bias=False)
-        self.project_bn = nn.BatchNorm2d(in_channels)
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
-        parts = [branch(x) for branch in self.branches] + [self.pool(x)]
-        return self.dropout(F.relu(self.project_bn(self.project(torch.cat(parts, dim=1)))))
+        super().__init__(in_channels, [ConvBranch(in_channels, ASPP_CHANNELS, k, deformable=True,
+                                                  deform_impl=deform_impl) for k in (1, *DEFORMABLE_KERNELS)])
 
 
 def make_attention(kind: AttentionKind, channels: int, deform_impl: DeformImpl = "auto") -> nn.Module:
@@ -254,19 +266,41 @@ class SimpleConvs(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, inter_channels, 3, padding=1)
         self.conv_out = nn.Conv2d(inter_channels, out_channels, 3, padding=1)
-        composed_cost = out_channels * in_channels * 25
-        two_conv_cost = inter_channels * (in_channels + out_channels) * 9
+        #: None: composed where it saves at least ``FUSE_MIN_SAVING`` times the work; True / False: always / never.
+        self.fused = fused
+
+    def composes(self, out_channels: int | None = None) -> bool:
+        """Whether the pair runs as one composed kernel, for ``out_channels`` outputs (default: ``conv_out``'s)."""
+        if self.fused is not None:
+            return self.fused
+        inter, inputs = self.conv_in.out_channels, self.conv_in.in_channels
+        outputs = self.conv_out.out_channels if out_channels is None else out_channels
         # Only where the saving is large: at half the multiply-adds (48 -> 64 -> 16 at stride 4) the 5x5
         # convolution measured slower on CPU than the two 3x3 ones.
-        self.saves_work = composed_cost * FUSE_MIN_SAVING < two_conv_cost
-        self.fused = self.saves_work if fused is None else fused
+        return outputs * inputs * 25 * FUSE_MIN_SAVING < inter * (inputs + outputs) * 9
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) -> (B, out, H, W)."""
-        if not self.fused or x.shape[-2] < 3 or x.shape[-1] < 3:
-            return self.conv_out(self.conv_in(x))
-        return composed_conv3x3_pair(x, self.conv_in.weight, self.conv_in.bias, self.conv_out.weight,
-                                     self.conv_out.bias)
+        return self._pair(x, self.conv_out.weight, self.conv_out.bias)
+
+    def forward_projected(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``conv2d(self(x), weight, bias)`` for a 1x1 ``weight`` (P, out, 1, 1), without the ``out``-channel map.
+
+        The projection is folded into the second convolution (P outputs instead of ``out``), which then runs
+        composed with the first where that saves work (with P = 1: one 5x5 kernel over the input channels).
+        """
+        projection = weight[:, :, 0, 0]
+        w2 = torch.einsum("po,omhw->pmhw", projection, self.conv_out.weight)
+        b2 = projection @ self.conv_out.bias if self.conv_out.bias is not None else None
+        if bias is not None:
+            b2 = bias if b2 is None else b2 + bias
+        return self._pair(x, w2, b2)
+
+    def _pair(self, x: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+        """``conv2d(conv_in(x), w2, b2, padding=1)``, composed when ``composes`` says so."""
+        if not self.composes(w2.shape[0]) or x.shape[-2] < 3 or x.shape[-1] < 3:
+            return F.conv2d(self.conv_in(x), w2, b2, padding=1)
+        return composed_conv3x3_pair(x, self.conv_in.weight, self.conv_in.bias, w2, b2)
 
 
 def composed_conv3x3_pair(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

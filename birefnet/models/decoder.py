@@ -128,6 +128,8 @@ class Decoder(nn.Module):
         if outward_reference:
             self.gradient_heads = nn.ModuleList(GradientHead(out_channels[i]) for i in range(3))
         self.final_head = nn.Conv2d(out_channels[3] + stage_inward[4], 1, 1)
+        #: Apply the final 1x1 head before the upsampling and inside the full-size embedding (see ``_final``).
+        self.fold_final_head = True
 
     def _inward(self, index: int, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Concatenate the image embedding of stage ``index`` to ``reference`` (B, C, h, w)."""
@@ -187,8 +189,27 @@ class Decoder(nn.Module):
                     out.gradient_logits.append(prediction)
                     # Not detached, as upstream: the label's gradient also reaches the stage head.
                     out.gradient_targets.append(gradient * resize(stage_logits, gradient.shape[-2:]))
+        out.logits = self._final(image, x) if self.fold_final_head else self._final_unfolded(image, x)
+        return out
+
+    def _final_unfolded(self, image: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The final map as the architecture states it: upsample, stack the image embedding, 1x1 head."""
         x = resize(x, image.shape[-2:])
         if self.inward_reference:
             x = self._inward(4, image, x)
-        out.logits = self.final_head(x)
-        return out
+        return self.final_head(x)
+
+    def _final(self, image: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``_final_unfolded`` computed with the 1x1 head moved ahead of the linear steps it follows.
+
+        The head is linear over channels and bilinear upsampling is linear per channel with weights summing to
+        one, so the head's part for the decoder features is applied at stride 4 and one channel is upsampled;
+        its part for the image embedding is folded into the embedding's last convolution (one output channel).
+        Same function up to float rounding; the full-size multi-channel maps are never built.
+        """
+        head = self.final_head
+        width = x.shape[1]
+        logits = resize(F.conv2d(x, head.weight[:, :width]), image.shape[-2:])
+        if not self.inward_reference:
+            return logits + head.bias.view(1, -1, 1, 1)
+        return logits + self.image_blocks[4].forward_projected(image, head.weight[:, width:], head.bias)
