@@ -11,7 +11,8 @@ ratio of every implementation's time to the first one listed in ``--impls``.
 
 An implementation name may carry ``:plain``: the model then runs every layer as stated, without the exact
 rewrites that compute kernels from the weights (``BiRefNet.set_computed_kernels``: composed inward-reference
-embeddings, the final head folded ahead of the upsampling; same parameters and outputs), e.g. the default model:
+embeddings, per-branch ASPP projections, the final head folded ahead of the upsampling; same parameters and
+outputs), e.g. the default model:
 
     python benchmarks/model_step.py --encoder resnet10t --sizes 320 --batch 2 --modes train --channels-last \
         --impls sampling:plain,sampling --set multiscale_input=none --set attention=none --set drop_path_rate=0
@@ -40,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--impls", default="torchvision,sampling",
                         help="deformable conv implementations to compare; NAME:plain runs every layer as stated "
-                             "(no composed embedding kernels, no final head folded ahead of the upsampling)")
+                             "(no composed embeddings, no per-branch ASPP projection, no folded final head)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no grad) and/or train (fwd+loss+bwd)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")

@@ -124,9 +124,9 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
                 dynamic_hw: bool = False) -> Path:
     """Write ``model`` as ONNX (dynamic batch; dynamic H/W with ``dynamic_hw``).
 
-    The model's deformable convolutions are switched to the ``sampling`` kernel and its inward-reference
-    embeddings to their two convolutions for the trace, and restored afterwards; the model is traced on CPU
-    in fp32.
+    The model's deformable convolutions are switched to the ``sampling`` kernel and every layer runs as stated
+    (``BiRefNet.layers_as_stated``: no kernels computed from the weights) for the trace; both are restored
+    afterwards. The model is traced on CPU in fp32.
 
     Args:
         model: a BiRefNet.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from birefnet.models.blocks import AttentionKind, SimpleConvs, _BranchPyramid, make_decoder_block
+from birefnet.models.blocks import AttentionKind, BranchPyramid, SimpleConvs, make_decoder_block
 from birefnet.models.decoder import Decoder, resize
 from birefnet.models.deform import DeformableConv2d, DeformImpl
 from birefnet.models.encoders import create_encoder
@@ -152,6 +152,15 @@ class BiRefNet(nn.Module):
         """Every inward-reference patch embedding of the model."""
         return (m for m in self.modules() if isinstance(m, SimpleConvs))
 
+    def _rewrite_switches(self) -> Iterator[tuple[nn.Module, str, object]]:
+        """Every exact rewrite's switch: (module, attribute, the value that lets the rewrite run)."""
+        for module in self.modules():
+            if isinstance(module, SimpleConvs):
+                yield module, "fused", None  # None: composed where it saves work
+            elif isinstance(module, BranchPyramid):
+                yield module, "split_projection", True
+        yield self.decoder, "fold_final_head", True
+
     def set_computed_kernels(self, enabled: bool) -> None:
         """Run the exact rewrites that compute kernels from the weights (the default), or every layer as stated.
 
@@ -159,19 +168,13 @@ class BiRefNet(nn.Module):
         ASPP projections as per-branch shares (no concatenated map), and the final 1x1 head folded ahead of the
         full-size upsampling. Parameters and outputs are unchanged; ONNX export runs the layers as stated.
         """
-        for module in self.inward_embeddings():
-            module.fused = None if enabled else False
-        for module in self.modules():
-            if isinstance(module, _BranchPyramid):
-                module.split_projection = enabled
-        self.decoder.fold_final_head = enabled
+        for module, key, on in self._rewrite_switches():
+            setattr(module, key, on if enabled else False)
 
     @contextlib.contextmanager
     def layers_as_stated(self) -> Iterator[None]:
         """Within the block, ``set_computed_kernels(False)``; every module's own setting is restored after."""
-        saved = [(module, key, getattr(module, key)) for module in self.modules()
-                 for key in ("fused", "split_projection", "fold_final_head")
-                 if isinstance(module, SimpleConvs | _BranchPyramid | Decoder) and hasattr(module, key)]
+        saved = [(module, key, getattr(module, key)) for module, key, _ in self._rewrite_switches()]
         self.set_computed_kernels(False)
         try:
             yield

@@ -95,7 +95,7 @@ class GlobalPoolBranch(nn.Module):
         return self.pooled(x).expand(-1, -1, x.shape[2], x.shape[3])
 
 
-class _BranchPyramid(nn.Module):
+class BranchPyramid(nn.Module):
     """Parallel branches plus a global-pool branch, concatenated, projected by a 1x1 conv -> BN -> ReLU ->
     dropout back to the input width (the body shared by ``ASPP`` and ``ASPPDeformable``).
 
@@ -126,7 +126,7 @@ class _BranchPyramid(nn.Module):
         return self.dropout(F.relu(self.project_bn(projected)))
 
 
-class ASPP(_BranchPyramid):
+class ASPP(BranchPyramid):
     """Atrous spatial pyramid pooling: a 1x1 and three dilated 3x3 branches plus a global-pool branch.
 
     Args:
@@ -138,7 +138,7 @@ class ASPP(_BranchPyramid):
                                        for d in ASPP_DILATIONS])
 
 
-class ASPPDeformable(_BranchPyramid):
+class ASPPDeformable(BranchPyramid):
     """The reconstruction block: deformable branches (1x1, then 1x1/3x3/7x7) plus a global-pool branch.
 
     Upstream has two 1x1 deformable branches (``aspp1`` and the first of ``aspp_deforms``); both are kept
