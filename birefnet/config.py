@@ -270,6 +270,15 @@ class TrainStageParams(Frozen):
     loss: LossWeights = Field(default_factory=LossWeights)
     decay: dict[LossTerm, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     supervise: Literal["all", "final"] = "all"
+    size: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="train this stage's batches at (width, height), resized in the loop; null = data.size")
+
+    @field_validator("size")
+    @classmethod
+    def _stage_size_multiple_of_32(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (v[0] % 32 or v[1] % 32):
+            raise ValueError(f"both sides must be multiples of 32 (the decoder's patch grid), got {list(v)}")
+        return v
 
 
 def _paper_stages() -> list[TrainStageParams]:
@@ -310,6 +319,9 @@ class TrainParams(Frozen):
     keep_checkpoints: PositiveInt = 2
     max_failures: NonNegativeInt = 1
     val_every: PositiveInt = 1
+    bn_recalibration: NonNegativeInt = Field(
+        0, description="before each validation, recompute BatchNorm statistics over this many of the epoch's "
+                       "last training images at data.size with the final weights (0 = off: running averages)")
     init_from: str | None = None
 
     @field_validator("stages")

@@ -38,6 +38,9 @@ def test_defaults_are_valid() -> None:
         ({"data": {"synthetic": {"min_side": 500, "max_side": 300}}}, ["min_side (500)", "max_side (300)"]),
         ({"data": {"val_sets": ["DIS-TR"]}}, ["'DIS-TR'", "train_sets", "val_sets"]),
         ({"gradients": {"mode": "lazy"}}, ["gradients.mode", "given 'lazy'"]),
+        ({"train": {"stages": [{"name": "small", "epochs": 2, "size": [200, 256]}]}},
+         ["train.stages[0].size", "multiples of 32", "[200, 256]"]),
+        ({"train": {"bn_recalibration": -1}}, ["train.bn_recalibration", ">= 0", "given -1"]),
         ({"bogus": 1}, ["bogus", "unknown key"]),
     ],
 )

@@ -6,7 +6,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,32 @@ def _to(batch: dict[str, Any], key: str, device: torch.device, channels_last: bo
     return value.contiguous(memory_format=torch.channels_last) if channels_last else value
 
 
+def resize_batch(batch: dict[str, Any], size: Sequence[int]) -> dict[str, Any]:
+    """``batch`` with ``image``, ``mask`` and ``gradient`` resized to ``size`` = (width, height).
+
+    Bilinear with antialiasing, so a downsized mask or gradient label keeps each stroke's share of a pixel as a
+    soft value instead of dropping strokes thinner than the new pixel. Unchanged when already at ``size``.
+    """
+    width, height = int(size[0]), int(size[1])
+    if tuple(batch["image"].shape[-2:]) == (height, width):
+        return batch
+    out = dict(batch)
+    for key in ("image", "mask", "gradient"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.nn.functional.interpolate(value.float(), size=(height, width), mode="bilinear",
+                                                       align_corners=False, antialias=True)
+            if key != "image":
+                out[key] = out[key].clamp_(0, 1)
+    return out
+
+
 def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
                     criterion: Criterion, *, device: torch.device, weights: LossWeights, supervise: str, lr: float,
                     precision: str = "auto", grad_clip: float | None = None,
                     on_step: Callable[[int, dict[str, float]], None] | None = None,
-                    progress: Any = None, channels_last: bool = False) -> dict[str, float]:
+                    progress: Any = None, channels_last: bool = False, size: Sequence[int] | None = None,
+                    recent: deque[torch.Tensor] | None = None) -> dict[str, float]:
     """Train for one pass of ``loader``.
 
     Args:
@@ -58,6 +80,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
         on_step: called after every step with (step, parts).
         progress: optional tqdm-like object with ``update()``.
         channels_last: feed images in channels_last memory format (for a model converted to it).
+        size: train at (width, height): each batch is resized first (:func:`resize_batch`); None = as loaded.
+        recent: if given, each batch's images as loaded (before ``size``) are appended, so a bounded deque
+            ends holding the epoch's last images (for :func:`recalibrate_batchnorm`).
 
     Returns:
         Means over the epoch: ``loss`` and ``loss_<part>``, plus ``samples``, ``seconds``, ``samples_per_s``.
@@ -72,6 +97,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
     steps = samples = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
+        if recent is not None:
+            recent.extend(batch["image"].unbind(0))
+        if size is not None:
+            batch = resize_batch(batch, size)
         image = _to(batch, "image", device, channels_last)
         gradient = _to(batch, "gradient", device)
         with autocast_for(device, precision):
@@ -98,6 +127,46 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
            for k, v in sums.items()}
     out.update(samples=float(samples), seconds=seconds, samples_per_s=samples / max(seconds, 1e-9))
     return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor], *, device: torch.device,
+                          chunk: int = 16, precision: str = "auto", channels_last: bool = False) -> int:
+    """Replace every BatchNorm layer's running statistics by their values over ``images`` (precise BN).
+
+    The running averages a layer keeps while training (momentum 0.1) describe the last few batches under
+    slightly older weights; with batches of 2 they are noisy enough to move validation scores between epochs
+    even when the weights barely change. Here the inference path (every module in eval mode except the
+    BatchNorm layers) runs over ``images`` in chunks and each layer keeps the average of the chunks' batch
+    statistics. Weights are untouched, and the training-mode forward never reads these statistics, so the
+    training trajectory does not change.
+
+    Returns:
+        The number of BatchNorm layers recalibrated (0 when the model has none or ``images`` is empty).
+    """
+    module = model.module if hasattr(model, "module") else model
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or not images:
+        return 0
+    was_training = module.training
+    momenta = [m.momentum for m in norms]
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the chunks
+        m.train()
+    try:
+        for start in range(0, len(images), chunk):
+            x = torch.stack(list(images[start:start + chunk])).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_for(device, precision):
+                module(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        module.train(was_training)
+    return len(norms)
 
 
 def predictions_to_uint8(logits: torch.Tensor) -> np.ndarray:

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from birefnet.stages.common import setup_logging
     from birefnet.training.checkpoint import load_training_state, save_training_state
     from birefnet.training.criterion import build_criterion
-    from birefnet.training.engine import evaluate, train_one_epoch
+    from birefnet.training.engine import evaluate, recalibrate_batchnorm, train_one_epoch
     from birefnet.training.init import initialize_weights
     from birefnet.training.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
 
@@ -162,9 +163,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     marker.write_text(f"killed at epoch {_epoch} step {step}\n", encoding="utf-8")
                     os._exit(17)
 
+        # precise BN on rank 0 only: its statistics are the ones validated and checkpointed, and DDP broadcasts
+        # rank 0's buffers to the other ranks at the next forward
+        recent = deque(maxlen=train.bn_recalibration) if rank == 0 and train.bn_recalibration else None
         metrics = train_one_epoch(model, train_loader, optimizer, criterion, device=device, weights=at.weights,
                                   supervise=at.stage.supervise, lr=at.lr, precision=train.precision,
-                                  grad_clip=train.grad_clip, on_step=on_step, channels_last=train.channels_last)
+                                  grad_clip=train.grad_clip, on_step=on_step, channels_last=train.channels_last,
+                                  size=at.stage.size, recent=recent)
+        if recent:
+            recalibrate_batchnorm(model, list(recent), device=device, precision=train.precision,
+                                  channels_last=train.channels_last)
         global_step += len(train_loader)
         record: dict[str, Any] = {"epoch": epoch, "stage": at.stage.name, "stage_index": at.index, "lr": at.lr,
                                   "global_step": global_step, **{f"train_{k}": v for k, v in metrics.items()}}
@@ -178,8 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for key in ("Sm", "MAE", "maxF", "wF", "meanE"):
                 record[f"val_{key}"] = sum(v[key] for v in per_set.values()) / len(per_set)
         if rank == 0:
-            log.info("epoch %d/%d [%s] loss %.4f (%s) %.1f samples/s%s", epoch + 1, schedule.total_epochs,
-                     at.stage.name, metrics["loss"],
+            log.info("epoch %d/%d [%s%s] loss %.4f (%s) %.1f samples/s%s", epoch + 1, schedule.total_epochs,
+                     at.stage.name, " at {}x{}".format(*at.stage.size) if at.stage.size else "", metrics["loss"],
                      ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_")),
                      metrics["samples_per_s"] * world,
                      f" | val S {record['val_Sm']:.4f} MAE {record['val_MAE']:.4f}" if "val_Sm" in record else "")

@@ -159,11 +159,13 @@ def test_identical_loss_curves_with_one_worker(workspace: Path, tmp_path: Path) 
 
     curves = []
     for i in range(2):
-        with _in(workspace):
-            params = _params(workspace, f"train.run_name=det{i}-{tmp_path.name}", f"train.out={tmp_path / str(i)}")
+        with _in(workspace):  # with a first stage trained at a smaller size, and precise BN before validation
+            params = _params(workspace, f"train.run_name=det{i}-{tmp_path.name}", f"train.out={tmp_path / str(i)}",
+                             "train.bn_recalibration=3",
+                             "train.stages=[{name: small, epochs: 1, size: [32, 32]}, {name: main, epochs: 1}]")
             summary = run(params)
-        curves.append([(h["train_loss"], h["val_Sm"]) for h in summary["history"]])
-    assert curves[0] == curves[1]
+        curves.append([(h["stage"], h["train_loss"], h["val_Sm"]) for h in summary["history"]])
+    assert curves[0] == curves[1] and [c[0] for c in curves[0]] == ["small", "main"]
 
 
 def test_two_node_cluster_one_worker_per_node(workspace: Path, tmp_path: Path) -> None:
