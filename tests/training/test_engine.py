@@ -126,3 +126,26 @@ def test_recalibrated_model_no_longer_depends_on_its_old_running_statistics(repo
     assert not a.training
     with torch.no_grad():
         torch.testing.assert_close(a(x).logits, b(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_is_fused_and_steps_like_the_multi_tensor_kernel(repo_root) -> None:  # noqa: ANN001
+    params = load_params(repo_root / "params.yaml", ["model.encoder=test_convnext"])
+    torch.manual_seed(0)
+    model = build_model(params.model)
+    twin = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    fused = make_optimizer(model, params)
+    assert fused.param_groups[0]["fused"] is True
+    reference = torch.optim.AdamW(twin.parameters(), lr=params.train.lr, betas=params.train.betas,
+                                  weight_decay=params.train.weight_decay, foreach=True)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fused.step()
+        reference.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [float((a - p0).abs().max()) for a, p0 in zip(model.parameters(), initial, strict=True)]
+    assert min(moved) > 1e-4  # every weight moved (3 Adam steps of lr 1e-3)
