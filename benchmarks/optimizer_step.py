@@ -1,0 +1,73 @@
+"""Benchmark the optimizer step of the training loop: the fused Adam/AdamW kernel against the multi-tensor one.
+
+The training loop clips the global gradient norm and then steps the optimizer; both are timed together, over
+the parameters of the model that ``params.yaml`` builds, with random gradients. Both kernels run side by side
+in one process, alternating, for each thread count:
+
+    python benchmarks/optimizer_step.py --threads 1,2 --repeats 30
+
+It prints the median milliseconds per step and the ratio multi-tensor / fused (above 1: fused is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file whose model and train keys are used")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps per kernel and thread count")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from birefnet.config import load_params
+    from birefnet.models import build_model
+    from birefnet.training.trainer import make_optimizer
+
+    params = load_params(args.params, args.set)
+    torch.manual_seed(0)
+    models = {kind: build_model(params.model) for kind in ("multi-tensor", "fused")}
+    optimizers = {"fused": make_optimizer(models["fused"], params)}
+    kind = torch.optim.AdamW if params.train.optimizer == "adamw" else torch.optim.Adam
+    optimizers["multi-tensor"] = kind(models["multi-tensor"].parameters(), lr=params.train.lr,
+                                      betas=params.train.betas, weight_decay=params.train.weight_decay, foreach=True)
+    assert optimizers["fused"].param_groups[0]["fused"], "make_optimizer did not pick the fused kernel"
+    n = sum(p.numel() for p in models["fused"].parameters())
+    for model in models.values():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+    clip = params.train.grad_clip or 1.0
+    print(f"{params.model.encoder}: {n / 1e6:.2f} M parameters, {params.train.optimizer}, clip {clip}")
+    print(f"{'threads':>7} {'multi-tensor ms':>16} {'fused ms':>9} {'ratio':>6}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {k: [] for k in optimizers}
+        for i in range(args.warmup + args.repeats):
+            for name, optimizer in optimizers.items():
+                parameters = list(models[name].parameters())
+                start = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
+                optimizer.step()
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"{threads:>7} {med['multi-tensor']:>16.2f} {med['fused']:>9.2f} {med['multi-tensor'] / med['fused']:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
