@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DIS5K_SETS = ("DIS-TR", "DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
 
@@ -33,6 +33,16 @@ class Frozen(BaseModel):
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _multiple_of_32(size: tuple[int, int]) -> tuple[int, int]:
+    if size[0] % 32 or size[1] % 32:
+        raise ValueError(f"both sides must be multiples of 32 (the decoder's patch grid), got {list(size)}")
+    return size
+
+
+#: A (width, height) training resolution: both sides multiples of 32.
+TrainingSize = Annotated[tuple[PositiveInt, PositiveInt], AfterValidator(_multiple_of_32)]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -72,18 +82,11 @@ class DataParams(Frozen):
     train_sets: list[str] = Field(default_factory=lambda: ["DIS-TR"], min_length=1)
     val_sets: list[str] = Field(default_factory=lambda: ["DIS-VD"])
     test_sets: list[str] = Field(default_factory=lambda: ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"])
-    size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    size: TrainingSize = (256, 256)
     on_bad_sample: Literal["fail", "quarantine"] = "quarantine"
     max_image_pixels: Annotated[int, Field(gt=0)] = 200_000_000
     workers: NonNegativeInt = 2
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
-
-    @field_validator("size")
-    @classmethod
-    def _size_multiple_of_32(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] % 32 or v[1] % 32:
-            raise ValueError(f"both sides must be multiples of 32 (the decoder's patch grid), got {list(v)}")
-        return v
 
     @model_validator(mode="after")
     def _sets_disjoint(self) -> DataParams:
@@ -270,15 +273,8 @@ class TrainStageParams(Frozen):
     loss: LossWeights = Field(default_factory=LossWeights)
     decay: dict[LossTerm, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     supervise: Literal["all", "final"] = "all"
-    size: tuple[PositiveInt, PositiveInt] | None = Field(
+    size: TrainingSize | None = Field(
         None, description="train this stage's batches at (width, height), resized in the loop; null = data.size")
-
-    @field_validator("size")
-    @classmethod
-    def _stage_size_multiple_of_32(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and (v[0] % 32 or v[1] % 32):
-            raise ValueError(f"both sides must be multiples of 32 (the decoder's patch grid), got {list(v)}")
-        return v
 
 
 def _paper_stages() -> list[TrainStageParams]:

@@ -37,6 +37,11 @@ def _to(batch: dict[str, Any], key: str, device: torch.device, channels_last: bo
     return value.contiguous(memory_format=torch.channels_last) if channels_last else value
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (``.module``), or the model itself."""
+    return model.module if hasattr(model, "module") else model
+
+
 def resize_batch(batch: dict[str, Any], size: Sequence[int]) -> dict[str, Any]:
     """``batch`` with ``image``, ``mask`` and ``gradient`` resized to ``size`` = (width, height).
 
@@ -144,7 +149,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor]
     Returns:
         The number of BatchNorm layers recalibrated (0 when the model has none or ``images`` is empty).
     """
-    module = model.module if hasattr(model, "module") else model
+    module = _unwrap(model)
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms or not images:
         return 0
@@ -189,7 +194,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device
     """
     from birefnet.evaluation.metrics import MetricAccumulator, score_image
 
-    module = model.module if hasattr(model, "module") else model
+    module = _unwrap(model)
     module.eval()
     acc = MetricAccumulator()
     for batch in loader:
