@@ -148,6 +148,12 @@ class ModelParams(Frozen):
     attention: Literal["none", "aspp", "aspp_deformable"] = Field(
         "aspp_deformable", description="attention inside every decoder block (aspp_deformable = reconstruction block)"
     )
+    attention_strides: tuple[Literal[4, 8, 16, 32], ...] = Field(
+        (4, 8, 16, 32),
+        description="strides of the blocks that get the attention: decoder blocks at strides 32, 16, 8 and 4; the "
+        "squeeze blocks work at 32. Upstream: every block. The ASPP at stride 4 is the costly one; at 32 and 16 "
+        "it adds global context for a few percent of a step",
+    )
     decoder_inter_channels: Literal["fixed", "adaptive"] = Field(
         "fixed", description="decoder block inner width: fixed = 64, adaptive = in_channels // 4"
     )
@@ -180,6 +186,8 @@ class ModelParams(Frozen):
                 "outward_reference needs multistage_supervision (its gradient labels are masked by the stage "
                 "predictions); set both true or outward_reference false"
             )
+        if len(set(self.attention_strides)) != len(self.attention_strides):
+            raise ValueError(f"attention_strides lists a stride twice: {list(self.attention_strides)}")
         if self.squeeze_block == "none" and self.context_levels > 0:
             raise ValueError(
                 f"squeeze_block 'none' needs context_levels 0 (given {self.context_levels}): the squeeze block maps "

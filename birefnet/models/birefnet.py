@@ -9,7 +9,7 @@ returns a ``BiRefNetOutput`` with the same fields in train and eval mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,7 +65,9 @@ class BiRefNet(nn.Module):
         squeeze_block: ``basic``, ``residual`` or ``none``.
         squeeze_depth: number of squeeze blocks.
         decoder_block: ``basic`` or ``residual``.
-        attention: ``none``, ``aspp`` or ``aspp_deformable`` inside every decoder/squeeze block.
+        attention: ``none``, ``aspp`` or ``aspp_deformable`` inside the decoder/squeeze blocks.
+        attention_strides: strides of the blocks that get the attention (squeeze blocks: 32; decoder blocks:
+            32, 16, 8, 4); the others get none.
         decoder_inter_channels: ``fixed`` (64) or ``adaptive`` (in_channels // 4).
         inward_reference: image patches stacked into every decoder stage.
         inward_reference_mode: ``split`` or ``resize``.
@@ -88,6 +90,7 @@ class BiRefNet(nn.Module):
         squeeze_depth: int = 1,
         decoder_block: Literal["basic", "residual"] = "basic",
         attention: AttentionKind = "aspp_deformable",
+        attention_strides: Sequence[int] = (4, 8, 16, 32),
         decoder_inter_channels: Literal["fixed", "adaptive"] = "fixed",
         inward_reference: bool = True,
         inward_reference_mode: Literal["split", "resize"] = "split",
@@ -120,7 +123,8 @@ class BiRefNet(nn.Module):
         else:
             self.squeeze = nn.ModuleList(
                 make_decoder_block(
-                    squeeze_block, fused if i == 0 else deepest, deepest, decoder_inter_channels, attention, deform_impl
+                    squeeze_block, fused if i == 0 else deepest, deepest, decoder_inter_channels,
+                    attention if 32 in attention_strides else "none", deform_impl,
                 )
                 for i in range(squeeze_depth)
             )
@@ -128,6 +132,7 @@ class BiRefNet(nn.Module):
             channels=levels[::-1],
             decoder_block=decoder_block,
             attention=attention,
+            attention_strides=attention_strides,
             inter_channels=decoder_inter_channels,
             inward_reference=inward_reference,
             inward_reference_mode=inward_reference_mode,

@@ -72,7 +72,8 @@ class Decoder(nn.Module):
     Args:
         channels: encoder channels after context fusion/squeeze, deepest first ``(C0, C1, C2, C3)``.
         decoder_block: ``basic`` or ``residual``.
-        attention: attention inside every decoder block.
+        attention: attention inside the decoder blocks.
+        attention_strides: strides of the blocks that get it (block ``i`` works at stride ``32 / 2**i``).
         inter_channels: ``fixed`` (64) or ``adaptive`` (in_channels // 4) inner width.
         inward_reference: embed image patches into every stage.
         inward_reference_mode: ``split`` (patch grid on channels) or ``resize`` (the resized image).
@@ -87,6 +88,7 @@ class Decoder(nn.Module):
         channels: Sequence[int],
         decoder_block: str = "basic",
         attention: AttentionKind = "aspp_deformable",
+        attention_strides: Sequence[int] = (4, 8, 16, 32),
         inter_channels: Literal["fixed", "adaptive"] = "fixed",
         inward_reference: bool = True,
         inward_reference_mode: Literal["split", "resize"] = "split",
@@ -118,7 +120,8 @@ class Decoder(nn.Module):
             )
         self.blocks = nn.ModuleList(
             make_decoder_block(
-                decoder_block, channels[i] + stage_inward[i], out_channels[i], inter_channels, attention, deform_impl
+                decoder_block, channels[i] + stage_inward[i], out_channels[i], inter_channels,
+                attention if 32 >> i in attention_strides else "none", deform_impl,
             )
             for i in range(4)
         )

@@ -125,6 +125,27 @@ def test_other_switches_train(kwargs: dict[str, object]) -> None:
     assert_all_parameters_get_gradients(model, torch.randn(2, 3, 64, 64), classes)
 
 
+@pytest.mark.parametrize("strides", [(32,), (16, 32), (4, 8, 16, 32), ()])
+def test_attention_strides_pick_the_blocks(strides: tuple[int, ...]) -> None:
+    from birefnet.models.blocks import ASPP
+
+    model = tiny(attention="aspp", attention_strides=strides, squeeze_depth=2)
+    squeeze = [isinstance(b.attention, ASPP) for b in model.squeeze]
+    decoder = [isinstance(b.attention, ASPP) for b in model.decoder.blocks]
+    assert squeeze == [32 in strides] * 2
+    assert decoder == [s in strides for s in (32, 16, 8, 4)]
+    assert_all_parameters_get_gradients(model, torch.randn(2, 3, 64, 64), None)
+
+
+def test_attention_strides_rejects_unknown_and_repeated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="attention_strides"):
+        ModelParams(attention_strides=(32, 12))
+    with pytest.raises(ValidationError, match="lists a stride twice"):
+        ModelParams(attention_strides=(32, 32))
+
+
 def test_batch_of_one_trains() -> None:
     """Upstream cannot train with batch 1 (BatchNorm over the pooled ASPP branch); this model can."""
     model = tiny().train()
