@@ -18,15 +18,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import params_parser  # noqa: E402
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file whose model and train keys are used")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per kernel and thread count")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    return parser
+    return params_parser(__doc__, repeats=30, warmup=5)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,17 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def native_cpu_bf16() -> bool:
+    """True when this CPU runs bf16 matrix/convolution kernels natively (AVX512-BF16 or AMX through oneDNN).
+
+    Elsewhere bf16 autocast on the CPU is emulated and slower than fp32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _to(batch: dict[str, Any], key: str, device: torch.device, channels_last: bool = False) -> torch.Tensor | None:
     value = batch.get(key)
     if value is None or not isinstance(value, torch.Tensor):

@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from birefnet.stages.common import setup_logging
     from birefnet.training.checkpoint import load_training_state, save_training_state
     from birefnet.training.criterion import build_criterion
-    from birefnet.training.engine import evaluate, recalibrate_batchnorm, train_one_epoch
+    from birefnet.training.engine import evaluate, native_cpu_bf16, recalibrate_batchnorm, train_one_epoch
     from birefnet.training.init import initialize_weights
     from birefnet.training.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
 
@@ -111,6 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_runtime(train.seed + rank, train.threads_per_worker)
     device = ray.train.torch.get_device()
+    if rank == 0 and device.type == "cpu" and train.precision == "bf16" and not native_cpu_bf16():
+        log.warning("train.precision bf16 on a CPU without native bf16 kernels (AVX512-BF16/AMX) is emulated and "
+                    "slower than fp32; set train.precision: fp32 (or auto) on this machine")
 
     model_params = apply_memory_preset(params)
     model = build_model(model_params)

@@ -149,3 +149,27 @@ def test_optimizer_is_fused_and_steps_like_the_multi_tensor_kernel(repo_root) ->
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     moved = [float((a - p0).abs().max()) for a, p0 in zip(model.parameters(), initial, strict=True)]
     assert min(moved) > 1e-4  # every weight moved (3 Adam steps of lr 1e-3)
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32_and_learns(repo_root) -> None:  # noqa: ANN001
+    """``train.precision: bf16`` on the CPU: the loss stays within bf16 rounding of fp32's, and training on a
+    fixed batch drives it down as fp32 training does."""
+    params = load_params(repo_root / "params.yaml", ["model.encoder=resnet10t", "model.drop_path_rate=0"])
+    torch.manual_seed(0)
+    base = build_model(params.model).to(memory_format=torch.channels_last)
+    criterion = build_criterion(params)
+    stage = params.train.stages[0]
+    batches = _batches(1, size=64) * 12
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(base)
+        optimizer = make_optimizer(model, params)
+        losses: list[float] = []
+        train_one_epoch(model, batches, optimizer, criterion, device=torch.device("cpu"), weights=stage.loss,
+                        supervise=stage.supervise, lr=3e-3, precision=precision, grad_clip=1.0,
+                        channels_last=True, on_step=lambda _step, parts, out=losses: out.append(parts["loss"]))
+        curves[precision] = losses
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert abs(fp32[0] - bf16[0]) <= 0.02 * fp32[0], (fp32[0], bf16[0])
+    assert bf16[-1] < 0.9 * bf16[0] and fp32[-1] < 0.9 * fp32[0], curves
+    assert abs(fp32[-1] - bf16[-1]) <= 0.1 * fp32[-1], curves
