@@ -188,6 +188,9 @@ def test_rayjob_trains_on_gpus_with_shared_storage() -> None:
     spec = job["spec"]
     entry = spec["entrypoint"]
     assert entry.startswith("birefnet train") and "train.use_gpu=true" in entry
+    # the CPU default loads batches in the training process; GPU workers need loader processes
+    workers = [int(w.split("=")[1]) for w in entry.split() if w.startswith("loader.workers=")]
+    assert workers and workers[0] >= 2, entry
     assert "train.storage_path=/mnt/shared/" in entry and "shard.out=/mnt/shared/" in entry
     cluster = spec["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
