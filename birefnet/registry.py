@@ -157,6 +157,22 @@ class GateDecision:
         """JSON-ready form (for ``registered.json``)."""
         return {**asdict(self), "sets": list(self.sets)}
 
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> GateDecision:
+        """The decision recorded by :meth:`to_tags` on a model version, with its types restored."""
+        raw = {k[len(GATE_PREFIX):]: v for k, v in tags.items() if k.startswith(GATE_PREFIX)}
+
+        def number(key: str) -> float | None:
+            return float(raw[key]) if raw.get(key) else None
+
+        return cls(promote=raw.get("promote") == "True", decision=raw.get("decision", ""),
+                   metric=raw.get("metric", ""), higher_is_better=raw.get("higher_is_better") == "True",
+                   sets=tuple(x for x in raw.get("sets", "").split(",") if x),
+                   challenger_score=number("challenger_score") or 0.0,
+                   champion_version=raw.get("champion_version") or None, champion_score=number("champion_score"),
+                   min_delta=number("min_delta") or 0.0, improvement=number("improvement"),
+                   reason=raw.get("reason", ""))
+
 
 def gate(challenger: Mapping[str, Mapping[str, float]], champion: Mapping[str, Mapping[str, float]] | None,
          champion_version: str | None, metric: str, min_delta: float, sets: Sequence[str]) -> GateDecision:
@@ -648,7 +664,7 @@ def _register_in_run(client: Any, params: Params, base: Path, name: str, run_id:
         log.info("registered %s v%s: %s", name, version_id, decision.reason)
     else:
         tags = client.get_model_version(name, version_id).tags or {}
-        gate_record = {k[len(GATE_PREFIX):]: v for k, v in tags.items() if k.startswith(GATE_PREFIX)}
+        gate_record = GateDecision.from_tags(tags).to_dict()
         note = f"weights unchanged (sha256 {sha[:12]}): {name} v{version_id} reused, no new version, no alias moved"
         if tags.get("birefnet.eval_sha256") not in (None, eval_sha):
             note += ("; its metrics differ from this eval.json: its recorded gate decision stands (use "

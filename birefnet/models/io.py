@@ -47,8 +47,32 @@ def save_model(
     metadata = {PARAMS_KEY: resolved.model_dump_json(), FORMAT_KEY: FORMAT_VERSION, **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
+    _sort_metadata(tmp)
     tmp.replace(path)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the safetensors header in place with its metadata keys sorted.
+
+    The writer serialises the metadata from a hash map, so the key order (and with it the file's bytes and
+    its DVC hash) changes from run to run even when every tensor is identical. Sorting makes equal models
+    byte-identical files; the header keeps its length, so the tensor data is not touched.
+    """
+    with path.open("r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        ordered = {"__metadata__": dict(sorted(meta.items())), **tensors}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # never happens for a re-ordering; keep the writer's header rather than break the file
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def read_model_params(path: str | Path) -> ModelParams:

@@ -30,6 +30,22 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert overridden.decoder.gradient_checkpointing
 
 
+def test_equal_models_are_byte_identical_files(tmp_path: Path) -> None:
+    """The safetensors writer orders metadata from a hash map; save_model sorts it, so DVC sees one hash."""
+    torch.manual_seed(0)
+    model = build_model(PARAMS).eval()
+    extra = {f"key.{i}": f"value {i}" for i in range(12)}
+    paths = [save_model(model, PARAMS, tmp_path / f"{n}.safetensors", extra=dict(items))
+             for n, items in enumerate([list(extra.items()), list(reversed(extra.items())), list(extra.items())])]
+    contents = [p.read_bytes() for p in paths]
+    assert contents[0] == contents[1] == contents[2]
+    from safetensors import safe_open
+
+    with safe_open(str(paths[1]), framework="pt") as handle:
+        assert {k: v for k, v in (handle.metadata() or {}).items() if k.startswith("key.")} == extra
+    assert read_model_params(paths[1]) == PARAMS
+
+
 def test_load_rejects_foreign_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -56,3 +56,15 @@ def test_tags_are_strings() -> None:
     tags = gate(scores(0.8), scores(0.7), "1", "Sm", 0.001, SETS).to_tags()
     assert tags["birefnet.gate.decision"] == "promoted" and tags["birefnet.gate.sets"] == "DIS-TE1,DIS-TE2"
     assert all(isinstance(v, str) for v in tags.values())
+
+
+@pytest.mark.parametrize("champion", [None, 0.7, 0.9])
+def test_tags_round_trip_to_the_same_decision(champion: float | None) -> None:
+    """A reused version's registered.json shows the recorded decision with its types (numbers, booleans)."""
+    from birefnet.registry import GateDecision
+
+    decision = gate(scores(0.8), scores(champion) if champion is not None else None,
+                    "1" if champion is not None else None, "Sm", 0.001, SETS)
+    back = GateDecision.from_tags({"other.tag": "x", **decision.to_tags()})
+    assert back == decision
+    assert back.to_dict() == decision.to_dict()
