@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable, Mapping
 
 
 def params_parser(doc: str | None, repeats: int, warmup: int) -> argparse.ArgumentParser:
@@ -14,3 +17,19 @@ def params_parser(doc: str | None, repeats: int, warmup: int) -> argparse.Argume
     parser.add_argument("--repeats", type=int, default=repeats, help="timed steps per variant and setting")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     return parser
+
+
+def median_ms_alternating(steps: Mapping[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Run every variant's step in turn, ``warmup + repeats`` rounds, and return each one's median in ms.
+
+    Alternating step by step puts the variants through the same moments of a noisy machine, so their ratio
+    holds even when the absolute times drift.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}

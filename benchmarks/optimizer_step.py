@@ -12,14 +12,13 @@ It prints the median milliseconds per step and the ratio multi-tensor / fused (a
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import params_parser  # noqa: E402
+from common import median_ms_alternating, params_parser  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,18 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     clip = params.train.grad_clip or 1.0
     print(f"{params.model.encoder}: {n / 1e6:.2f} M parameters, {params.train.optimizer}, clip {clip}")
     print(f"{'threads':>7} {'multi-tensor ms':>16} {'fused ms':>9} {'ratio':>6}")
+    parameters = {name: list(model.parameters()) for name, model in models.items()}
+
+    def step(name: str) -> None:
+        torch.nn.utils.clip_grad_norm_(parameters[name], clip)
+        optimizers[name].step()
+
+    steps = {name: functools.partial(step, name) for name in optimizers}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        times: dict[str, list[float]] = {k: [] for k in optimizers}
-        for i in range(args.warmup + args.repeats):
-            for name, optimizer in optimizers.items():
-                parameters = list(models[name].parameters())
-                start = time.perf_counter()
-                torch.nn.utils.clip_grad_norm_(parameters, clip)
-                optimizer.step()
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-        multi, fused = (statistics.median(times[k]) * 1e3 for k in ("multi-tensor", "fused"))
+        medians = median_ms_alternating(steps, args.warmup, args.repeats)
+        multi, fused = medians["multi-tensor"], medians["fused"]
         print(f"{threads:>7} {multi:>16.2f} {fused:>9.2f} {multi / fused:>6.2f}")
     return 0
 
