@@ -10,7 +10,7 @@ export PREFECT_HOME := $(abspath $(PREFECT_HOME))
 export PYTHONPATH := $(abspath $(PYTHONPATH))
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast lint setup clean-data
+.PHONY: repro test test-fast test-gpu lint setup
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.installed
 ## test-fast: the quick lane (no slow tests)
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## test-gpu: the gpu lane (needs a CUDA device; fails without one). benchmarks/gpu_check.sh runs it plus the GPU benchmarks
+test-gpu: $(VENV)/.installed
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check birefnet pipelines tests benchmarks

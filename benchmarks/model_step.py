@@ -1,11 +1,12 @@
-"""Benchmark BiRefNet forward and forward+backward time and peak memory per image.
+r"""Benchmark BiRefNet forward and forward+backward time and peak memory per image.
 
 Each configuration runs in a fresh subprocess (clean peak-memory accounting), with random weights:
 
     python benchmarks/model_step.py --encoder swin_v1_t --sizes 512,1024 --threads 2 --impls torchvision,sampling
 
-On CUDA, ``--device cuda --dtype bf16 --channels-last --compile`` select the GPU options; the attention in
-the Swin encoder always goes through ``F.scaled_dot_product_attention`` (timm's fused path).
+On CUDA, ``--device cuda --dtype bf16 --channels-last --compile`` select the GPU options (``--channels-last``
+applies on CPU too); the attention in the Swin encoder always goes through ``F.scaled_dot_product_attention``
+(timm's fused path).
 The table reports medians over ``--repeats`` timed steps (after ``--warmup``) and, per size and mode, the
 ratio of every implementation's time to the first one listed in ``--impls``.
 
@@ -31,8 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default after its help."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--encoder", default="swin_v1_t", help="ModelParams.encoder")
     parser.add_argument("--sizes", default="512,1024", help="comma-separated square sides or HxW")
     parser.add_argument("--batch", type=int, default=1, help="images per step (>= 2 for BatchNorm in training)")
@@ -43,9 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="deformable conv implementations to compare; NAME:plain runs every layer as stated "
                              "(no composed embeddings, no per-branch ASPP projection, no folded final head)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no grad) and/or train (fwd+loss+bwd)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory format for the model and inputs (CPU or CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
         "--set",

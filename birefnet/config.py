@@ -427,11 +427,17 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _split_expected(expected: str) -> list[str]:
+    """Pydantic's ``"'a', 'b' or 'c'"`` as ``["'a'", "'b'", "'c'"]``."""
+    head, sep, last = expected.rpartition(" or ")
+    return [*head.split(", "), last] if sep else [expected]
+
+
 def _expected_for(error: dict[str, Any]) -> str:
     kind = error.get("type", "")
     ctx = error.get("ctx") or {}
     if kind == "literal_error":
-        return f"one of {ctx.get('expected')}"
+        return f"one of {', '.join(_split_expected(str(ctx.get('expected', '?'))))}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         limit = next(iter(ctx.values())) if ctx else "?"
@@ -444,20 +450,21 @@ def _expected_for(error: dict[str, Any]) -> str:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Render a pydantic error as one line per problem: key path, expected value, given value."""
+    """Render a pydantic error as one line per problem: key path, expected value, given value, e.g.
+    ``data.on_bad_sample: expected one of 'fail', 'quarantine'; given 'drop'``."""
     lines = [f"{source}: {err.error_count()} invalid parameter(s):"]
     for e in err.errors():
         loc = _format_loc(tuple(e["loc"]))
         given = e.get("input")
         if e.get("type") == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (check the spelling; params.yaml in the repository lists every "
-                         f"key), given {given!r}")
+                         f"key); given {given!r}")
         elif e.get("type") in ("value_error", "assertion_error"):
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
-            shown = f", given {given!r}" if loc and not isinstance(given, dict) else ""
+            shown = f"; given {given!r}" if loc and not isinstance(given, dict) else ""
             lines.append(f"  {loc or '<root>'}: {msg}{shown}")
         else:
-            lines.append(f"  {loc}: expected {_expected_for(e)}, given {given!r}")
+            lines.append(f"  {loc}: expected {_expected_for(e)}; given {given!r}")
     return "\n".join(lines)
 
 

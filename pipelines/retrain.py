@@ -21,10 +21,14 @@ Steps, each a task:
 One retrain at a time per workspace: the flow holds an exclusive lock on ``.dvc/tmp/retrain.lock`` for the
 whole run, and a second run waits for it (up to ``lock_timeout_s``); the deployment adds
 ``concurrency_limit: 1`` so the server queues a second scheduled run instead of starting it (prefect.yaml).
+
+Run it once from the shell: ``python -m pipelines.retrain [KEY.PATH=VALUE ...] [--set KEY.PATH=VALUE ...]``
+(``--help`` lists the options).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -44,7 +48,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.runtime import flow_run
 
-from birefnet.config import load_params
+from birefnet.config import ParamsError, load_params, parse_override
 from pipelines.common import RETRY_POLICY, CommandError, working_directory, workspace_lock
 
 LOCK_PATH = Path(".dvc/tmp/retrain.lock")
@@ -287,5 +291,51 @@ def retrain(overrides: list[str] | None = None, workdir: str | None = None, pull
             return report(repro, target["train_out"], target["registered"])
 
 
+def _override(text: str) -> str:
+    """An argparse ``type``: ``text`` when it is a ``key.path=value`` override, else a usage error."""
+    try:
+        parse_override(text)
+    except ParamsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser for ``python -m pipelines.retrain``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.retrain",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the retrain flow once, in this process: validate params.yaml with the overrides,\n"
+                    "dvc pull when a DVC remote is reachable, then dvc repro (with overrides: dvc exp run -S\n"
+                    "KEY=VALUE ..., recorded as a DVC experiment), and report the registered model version\n"
+                    "and the promotion gate's decision. Exit code 0 when the flow run completes, 1 when it fails.",
+        epilog="examples:\n"
+               "  python -m pipelines.retrain                      # dvc repro\n"
+               "  python -m pipelines.retrain train.lr=0.0005      # dvc exp run -S train.lr=0.0005\n"
+               "  python -m pipelines.retrain --set train.lr=0.0005 --set data.size=[512,512]")
+    parser.add_argument("overrides", nargs="*", type=_override, metavar="KEY.PATH=VALUE",
+                        help="parameter overrides, as dvc exp run -S takes them (none: plain dvc repro)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], type=_override,
+                        metavar="KEY.PATH=VALUE",
+                        help="one parameter override (repeatable); same as a positional override, applied after them")
+    parser.add_argument("--workdir", default=None,
+                        help="the DVC repository to run in (default: the current directory)")
+    parser.add_argument("--no-pull", dest="pull", action="store_false",
+                        help="skip dvc pull even when a DVC remote is configured")
+    parser.add_argument("--lock-timeout-s", type=float, default=6 * 3600.0,
+                        help="seconds to wait for another retrain in the same workspace (default: %(default)s)")
+    parser.add_argument("--repro-timeout-s", type=float, default=12 * 3600.0,
+                        help="kill dvc repro after this many seconds; retried as a timeout (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the flow; returns 0 when the flow run completed, else 1."""
+    args = get_args_parser().parse_args(argv)
+    state = retrain(overrides=[*args.overrides, *args.set_overrides], workdir=args.workdir, pull=args.pull,
+                    lock_timeout_s=args.lock_timeout_s, repro_timeout_s=args.repro_timeout_s, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
 if __name__ == "__main__":
-    retrain(overrides=sys.argv[1:])
+    sys.exit(main())

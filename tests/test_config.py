@@ -53,6 +53,12 @@ def test_invalid_params_name_key_expected_and_given(tmp_path: Path, doc: dict, f
         assert frag in msg, f"{frag!r} not in {msg!r}"
 
 
+def test_bad_literal_lists_the_allowed_values(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, {"data": {"on_bad_sample": "drop"}}))
+    assert "  data.on_bad_sample: expected one of 'fail', 'quarantine'; given 'drop'" in str(info.value).splitlines()
+
+
 def test_every_problem_is_listed(tmp_path: Path) -> None:
     with pytest.raises(ParamsError) as info:
         load_params(write(tmp_path, {"data": {"size": [1, 2], "workers": -1, "nope": 3}}))

@@ -310,11 +310,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "evaluate.out (DVC metrics), curves under evaluate.plots (DVC plots + PNGs) and the visual report "
                     "under evaluate.reports. With --pred-dir, score existing prediction folders instead.")
     add_params_args(parser)
-    folders = parser.add_argument_group("prediction folders (instead of the stage)")
-    folders.add_argument("--pred-dir", type=Path, help="predictions (one set or a folder per set)")
+    folders = parser.add_argument_group(
+        "prediction folders (instead of the stage)",
+        "--pred-dir selects this mode and requires --gt-dir and --out; the other options here apply to it only.")
+    folders.add_argument("--pred-dir", type=Path,
+                         help="predictions (one set or a folder per set); requires --gt-dir and --out")
     folders.add_argument("--gt-dir", type=Path, help="ground truth (one set or a folder per set)")
-    folders.add_argument("--out", type=Path, help="JSON file to write")
-    folders.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
+    folders.add_argument("--out", type=Path, help="JSON file to write the scores to")
+    folders.add_argument("--workers", type=int, default=1,
+                         help="metric processes for --pred-dir scoring (default: %(default)s). The stage itself "
+                              "ignores this option and uses evaluate.workers from --params (default 2; change it "
+                              "with --set evaluate.workers=N). Results do not depend on it")
     folders.add_argument("--no-hce", dest="hce", action="store_false", help="skip HCE (the slowest metric)")
     return parser
 

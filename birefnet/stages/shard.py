@@ -169,8 +169,14 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser for ``birefnet shard``."""
-    parser = argparse.ArgumentParser(prog="birefnet shard", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="birefnet shard",
+        description="Pack the samples of data.prepared/manifest.jsonl (the ingest stage's output) into WebDataset "
+                    "tar shards, one folder per split: image and mask (resized to data.size when shard.resize), "
+                    "plus the gradient label from gradients.out with gradients.mode: precomputed. Writes "
+                    "shard.out/<split>/<set>-NNNNNN.tar (at most shard.max_samples samples or shard.max_bytes "
+                    "each) and shard.out/<split>/index.json (shards, sample counts, sha256); samples are encoded "
+                    "by data.workers processes, in manifest-key order.")
     return add_params_args(parser)
 
 

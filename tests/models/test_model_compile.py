@@ -1,12 +1,13 @@
 """``torch.compile`` captures the whole model and differentiates it like eager mode.
 
-The trainer compiles the model on GPU (``train.compile``). No GPU here, so this checks what a GPU run
+The trainer compiles the model on GPU (``train.compile``). On the CPU lane this checks what a GPU run
 depends on before code generation: TorchDynamo captures the forward in one graph (``fullgraph=True``: no
 graph break anywhere, the patched Swin window attention and the exact kernel rewrites included) and AOT
 Autograd's traced forward and backward equal eager mode. The ``aot_eager`` backend runs that traced graph
 with eager kernels, so the comparison isolates tracing from code generation. It runs in float64: in
 float32 the batch-of-2 BatchNorms over 2x2 maps of a random 64 px model amplify reordered roundings to
 percent-level gradient differences, which would hide a real error instead of exposing one.
+The ``gpu`` lane (``make test-gpu``) runs the same check with TorchInductor's generated kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ def _fresh_dynamo() -> None:
 def outputs_loss(out) -> torch.Tensor:
     """A scalar that depends on every supervised output (final, stage and gradient logits)."""
     parts = [out.logits, *out.stage_logits, *out.gradient_logits]
-    weights = [torch.linspace(-1.0, 1.0, part.numel(), dtype=part.dtype).view_as(part) for part in parts]
+    weights = [torch.linspace(-1.0, 1.0, part.numel(), dtype=part.dtype, device=part.device).view_as(part)
+               for part in parts]
     return sum((part * weight).sum() for part, weight in zip(parts, weights, strict=True))
 
 
-def check_compiled_matches_eager(model: BiRefNet, size: int) -> None:
+def check_compiled_matches_eager(model: BiRefNet, size: int, backend: str = "aot_eager", device: str = "cpu") -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # AOT Autograd draws its dropout masks in another order
-    model = model.double().train()
+    model = model.to(device, torch.float64).train()
     reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    image = torch.randn(2, 3, size, size, dtype=torch.float64)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    image = torch.randn(2, 3, size, size, dtype=torch.float64, device=device)
 
     torch.manual_seed(1)  # stochastic depth draws the same masks in both when seeded alike
     out = compiled(image)
@@ -86,3 +88,16 @@ def test_compiled_swin_t_matches_eager() -> None:
     torch.manual_seed(0)
     model = create_model("birefnet_test", encoder="swin_v1_t", deform_impl="sampling")
     check_compiled_matches_eager(model, 96)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deform_impl", ["sampling", "torchvision"])
+def test_inductor_on_cuda_matches_eager(deform_impl: str) -> None:
+    # What train.compile runs on a GPU: TorchInductor's generated kernels (Triton), forward and backward.
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu lane needs a CUDA device (torch.cuda.is_available() is False)")
+    torch.manual_seed(0)
+    model = create_model(
+        "birefnet_test", attention="aspp_deformable", deform_impl=deform_impl, auxiliary_classification=True
+    )
+    check_compiled_matches_eager(model, 64, backend="inductor", device="cuda")
