@@ -8,7 +8,8 @@ On CUDA, ``--device cuda --dtype bf16 --channels-last --compile`` select the GPU
 applies on CPU too); the attention in the Swin encoder always goes through ``F.scaled_dot_product_attention``
 (timm's fused path).
 The table reports medians over ``--repeats`` timed steps (after ``--warmup``) and, per size and mode, the
-ratio of every implementation's time to the first one listed in ``--impls``.
+ratio of every implementation's time to the first one listed in ``--impls``. A configuration that fails (out of
+memory, no CUDA device) shows its error in its row, and the script then exits with status 1.
 
 An implementation name may carry ``:plain``: the model then runs every layer as stated, without the exact
 rewrites that compute kernels from the weights (``BiRefNet.set_computed_kernels``: composed inward-reference
@@ -212,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(rows, handle, indent=2)
-    return 0
+    failed = sum("error" in row for row in rows)
+    if failed:
+        print(f"model_step: {failed} of {len(rows)} configurations failed (the error is in their row)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
