@@ -52,6 +52,9 @@ from birefnet.config import ParamsError, load_params, parse_override
 from pipelines.common import RETRY_POLICY, CommandError, working_directory, workspace_lock
 
 LOCK_PATH = Path(".dvc/tmp/retrain.lock")
+#: Defaults of the flow (and of ``python -m pipelines.retrain``): wait for another retrain, and for dvc repro.
+LOCK_TIMEOUT_S = 6 * 3600.0
+REPRO_TIMEOUT_S = 12 * 3600.0
 REGISTERED = Path("registry/registered.json")
 # Exit codes of the stage commands (birefnet.stages.common) as DVC reports them.
 PERMANENT_EXITS = {2: "bad params", 3: "bad input"}
@@ -256,7 +259,7 @@ def _run_name() -> str:
 
 @flow(name="retrain", flow_run_name=_run_name, validate_parameters=True)
 def retrain(overrides: list[str] | None = None, workdir: str | None = None, pull: bool = True,
-            lock_timeout_s: float = 6 * 3600.0, repro_timeout_s: float = 12 * 3600.0) -> dict[str, Any]:
+            lock_timeout_s: float = LOCK_TIMEOUT_S, repro_timeout_s: float = REPRO_TIMEOUT_S) -> dict[str, Any]:
     """Run the whole pipeline from ``params.yaml`` in ``workdir`` and report the registered model.
 
     Args:
@@ -322,9 +325,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the DVC repository to run in (default: the current directory)")
     parser.add_argument("--no-pull", dest="pull", action="store_false",
                         help="skip dvc pull even when a DVC remote is configured")
-    parser.add_argument("--lock-timeout-s", type=float, default=6 * 3600.0,
+    parser.add_argument("--lock-timeout-s", type=float, default=LOCK_TIMEOUT_S,
                         help="seconds to wait for another retrain in the same workspace (default: %(default)s)")
-    parser.add_argument("--repro-timeout-s", type=float, default=12 * 3600.0,
+    parser.add_argument("--repro-timeout-s", type=float, default=REPRO_TIMEOUT_S,
                         help="kill dvc repro after this many seconds; retried as a timeout (default: %(default)s)")
     return parser
 

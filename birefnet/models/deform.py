@@ -37,6 +37,39 @@ def resolve_deform_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def sampling_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype both kernels sample ``x`` in: its own, but at least float32.
+
+    In bfloat16 the normalised grid's spacing near 1 is 2**-8 (half a pixel on a 256-wide map) and integers
+    above 256 already round; and torchvision's kernel has no bfloat16 at all (on CUDA only its own autocast
+    wrapper lifts half inputs), so a bf16 input would fail with "deformable_im2col not implemented".
+    """
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def float_torchvision_deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` at ``sampling_dtype(x)`` outside autocast, returned in ``x``'s dtype.
+
+    Same arguments and result as ``sampling_deform_conv2d``; works for bf16 inputs, under autocast and in
+    bf16 modules, on every device.
+    """
+    dtype = sampling_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        out = torchvision_deform_conv2d(
+            x.to(dtype), offset.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+            stride=stride, padding=padding, mask=None if mask is None else mask.to(dtype),
+        )
+    return out.to(x.dtype)
+
+
 def _tap_grid(
     offset: torch.Tensor,
     kernel_size: int,
@@ -98,15 +131,12 @@ def sampling_deform_conv2d(
         raise ValueError(f"square kernels only, given {kernel_h}x{kernel_w}")
     out_h, out_w = offset.shape[-2:]
     taps = kernel_h * kernel_w
-    # Positions stay in float32 at least: in bfloat16 the normalised grid's spacing near 1 is 2**-8, half a
-    # pixel on a 256-wide map, and integers above 256 already round. bf16 / fp16 inputs are sampled in
-    # float32 and the result goes back to their dtype for the modulation and the contraction.
-    grid_dtype = torch.promote_types(x.dtype, torch.float32)
-    grid = _tap_grid(offset.to(grid_dtype), kernel_h, stride, padding, dilation, height, width)
-    source = x if x.dtype == grid_dtype else x.to(grid_dtype)
-    sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if sampled.dtype != x.dtype:
-        sampled = sampled.to(x.dtype)
+    # Positions and sampling at float32 at least (see ``sampling_dtype``); the modulation and the contraction
+    # run in the input's dtype.
+    dtype = sampling_dtype(x)
+    grid = _tap_grid(offset.to(dtype), kernel_h, stride, padding, dilation, height, width)
+    sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = sampled.to(x.dtype)
     sampled = sampled.view(batch, channels, taps, out_h, out_w)
     if mask is not None:
         sampled = sampled * mask.view(batch, 1, taps, out_h, out_w).to(sampled.dtype)
@@ -169,30 +199,9 @@ class DeformableConv2d(nn.Module):
         """
         offset = self.offset(x)
         mask = 2.0 * torch.sigmoid(self.modulator(x))
-        if resolve_deform_impl(self.impl, x.device) == "torchvision":
-            return self._torchvision_fp32(x, offset, mask)
-        return sampling_deform_conv2d(
-            x, offset, self.conv.weight, self.conv.bias, mask=mask, stride=self.stride, padding=self.padding
-        )
-
-    def _torchvision_fp32(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """torchvision's kernel, in float32 whatever the input dtype or autocast state; output in ``x``'s dtype.
-
-        Its CPU kernel has no bfloat16 (nor float16) at all, and on CUDA only its own autocast wrapper
-        lifts half inputs to float32: a bf16 input under CPU autocast, or a model cast to bf16, fails with
-        "deformable_im2col not implemented for 'BFloat16'". Casting here makes both work on every device.
-        """
-        if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
-            return torchvision_deform_conv2d(
-                x, offset, self.conv.weight, self.conv.bias, stride=self.stride, padding=self.padding, mask=mask
-            )
-        bias = None if self.conv.bias is None else self.conv.bias.float()
-        with torch.autocast(x.device.type, enabled=False):
-            out = torchvision_deform_conv2d(
-                x.float(), offset.float(), self.conv.weight.float(), bias,
-                stride=self.stride, padding=self.padding, mask=mask.float(),
-            )
-        return out.to(x.dtype)
+        kernel = float_torchvision_deform_conv2d if resolve_deform_impl(self.impl, x.device) == "torchvision" \
+            else sampling_deform_conv2d
+        return kernel(x, offset, self.conv.weight, self.conv.bias, mask=mask, stride=self.stride, padding=self.padding)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, padding={self.padding}, stride={self.stride}, impl={self.impl!r}"

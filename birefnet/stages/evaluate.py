@@ -319,8 +319,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     folders.add_argument("--out", type=Path, help="JSON file to write the scores to")
     folders.add_argument("--workers", type=int, default=1,
                          help="metric processes for --pred-dir scoring (default: %(default)s). The stage itself "
-                              "ignores this option and uses evaluate.workers from --params (default 2; change it "
-                              "with --set evaluate.workers=N). Results do not depend on it")
+                              "ignores this option and uses evaluate.workers from --params (--set evaluate.workers=N). "
+                              "Results do not depend on it")
     folders.add_argument("--no-hce", dest="hce", action="store_false", help="skip HCE (the slowest metric)")
     return parser
 
