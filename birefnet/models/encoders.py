@@ -9,6 +9,9 @@ Two kinds, one contract: ``forward(image)`` returns four NCHW feature maps at st
   (pad to a multiple of the window, then roll, with the shift mask built over the padded size), and
   ``always_partition`` keeps the shift on stages no larger than the window: that is what makes the
   encoder equal upstream's at any input size, not only at sizes whose stages are window multiples.
+  Window attention runs through ``F.scaled_dot_product_attention`` (:class:`SdpaWindowAttention`; timm fuses
+  it only behind an experimental switch), with the relative-position bias and the shift mask as one
+  ``(nW, heads, N, N)`` additive mask shared by the images of a batch, never copied per image.
 * any other timm model name: ``timm.create_model(name, features_only=True)`` with the levels at strides
   4..32 (e.g. ``pvt_v2_b0``, ``convnext_atto``, ``test_convnext``).
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
 from torch import nn
 
 #: upstream name -> (timm architecture, window size). Depths, widths and heads come with the timm name.
@@ -40,6 +43,64 @@ SWIN_DROP_PATH_RATE = 0.2
 DEFAULT_DROP_PATH_RATE = 0.1
 #: Value of masked logits in the shifted-window attention (timm's convention; upstream uses -inf).
 MASK_VALUE = -100.0
+
+
+class SdpaWindowAttention(WindowAttention):
+    """timm's window attention computed by ``F.scaled_dot_product_attention``; same parameters and outputs.
+
+    The stated path (``softmax(q k^T * scale + bias + mask) v``, timm's unfused code) stays available with
+    ``fused = False`` (tests compare both). The additive mask is never copied per image: unshifted blocks pass
+    the ``(1, heads, N, N)`` position bias, which broadcasts; shifted blocks build one ``(nW, heads, N, N)``
+    bias-plus-shift mask and attend image by image. The calls stay 4-D because PyTorch's fused CPU kernel
+    takes 4-D inputs only (a 5-D call falls back to the unfused maths, about 1.5x slower than this).
+    """
+
+    fused: bool = True
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend within windows.
+
+        Args:
+            x: ``(B * nW, N, C)`` window tokens, the windows of one image consecutive.
+            mask: ``(nW, N, N)`` additive shift mask, or None.
+
+        Returns:
+            ``(B * nW, N, C)``.
+        """
+        if not self.fused:
+            return self._stated(x, mask)
+        windows, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B * nW, heads, N, d)
+        bias = self._get_rel_pos_bias().to(q.dtype)  # (1, heads, N, N)
+        dropout = self.attn_drop.p if self.training else 0.0
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
+        else:
+            groups = mask.shape[0]
+            attn_mask = bias + mask.to(q.dtype).unsqueeze(1)  # (nW, heads, N, N)
+            if torch.jit.is_tracing():  # ONNX export: one call, the mask repeated per image keeps the batch dynamic
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.repeat(windows // groups, 1, 1, 1),
+                                                     dropout_p=dropout, scale=self.scale)
+            else:
+                per_image = zip(q.split(groups), k.split(groups), v.split(groups), strict=True)
+                out = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=attn_mask, dropout_p=dropout,
+                                                                scale=self.scale) for qi, ki, vi in per_image])
+        out = out.transpose(1, 2).reshape(windows, tokens, -1)
+        return self.proj_drop(self.proj(out))
+
+    def _stated(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        windows, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias()
+        if mask is not None:
+            groups = mask.shape[0]
+            attn = attn.view(-1, groups, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, tokens, tokens)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(windows, tokens, -1)
+        return self.proj_drop(self.proj(out))
 
 
 class PaddedShiftSwinBlock(SwinTransformerBlock):
@@ -131,6 +192,7 @@ class SwinEncoder(Encoder):
         for stage in self.model.layers:
             for block in stage.blocks:
                 block.__class__ = PaddedShiftSwinBlock
+                block.attn.__class__ = SdpaWindowAttention
         channels = tuple(int(info["num_chs"]) for info in self.model.feature_info)
         self.out_channels = channels
         self.reductions = tuple(int(info["reduction"]) for info in self.model.feature_info)
@@ -138,6 +200,12 @@ class SwinEncoder(Encoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Window attention through SDPA (default) or as stated (softmax of explicit scores)."""
+        for stage in self.model.layers:
+            for block in stage.blocks:
+                block.attn.fused = enable
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Encode an image.

@@ -81,3 +81,18 @@ def test_export_rejects_sizes_and_opsets(tiny_model: BiRefNet, tmp_path: Path) -
     with pytest.raises(ValueError, match="GridSample"):
         export_onnx(tiny_model, tmp_path / "x.onnx", (64, 64), opset=15)
     assert torch.is_grad_enabled()
+
+
+def test_swin_encoder_exports_with_dynamic_batch(tmp_path: Path) -> None:
+    """The Swin encoder's SDPA window attention exports (traced: one call with the mask repeated per image)
+    and the graph runs batches other than the traced one."""
+    from birefnet.export import export_and_check
+    from birefnet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("birefnet_test", encoder="swin_v1_t", attention="none").eval()
+    report = export_and_check(model, tmp_path / "swin.onnx", (64, 64))
+    assert [c.shape[0] for c in report.checks] == [1, 2]
+    for check in report.checks:
+        assert check.error is None, check.error
+        assert check.max_abs_probs <= PROB_TOLERANCE

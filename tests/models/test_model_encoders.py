@@ -56,3 +56,56 @@ def test_window_order_matters_only_when_padding() -> None:
         timm_out = block(x)
         block.__class__ = PaddedShiftSwinBlock
     assert not torch.allclose(ours, timm_out, atol=1e-3)
+
+
+def test_swin_window_attention_calls_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Swin block's window attention goes through F.scaled_dot_product_attention by default."""
+    calls: list[tuple[int, ...]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(q.shape))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    encoder = SwinEncoder("swin_v1_t").eval()
+    with torch.no_grad():
+        encoder(torch.randn(2, 3, 64, 96))
+    # 6 unshifted blocks attend all windows at once, 6 shifted ones image by image (one shared mask)
+    assert len(calls) == 6 + 6 * 2 and sum(len(s.blocks) for s in encoder.model.layers) == 12
+    # (windows, heads, N, d): stage 1 of 16x24 is padded to 21x28 = 3x4 windows of 7x7, 12 per image
+    assert calls[:3] == [(24, 3, 49, 32), (12, 3, 49, 32), (12, 3, 49, 32)]
+    encoder.set_fused_attention(False)
+    calls.clear()
+    with torch.no_grad():
+        encoder(torch.randn(1, 3, 64, 96))
+    assert calls == []
+
+
+def test_swin_sdpa_equals_stated_attention_values_and_gradients() -> None:
+    """SDPA window attention equals the stated softmax path in fp32: BiRefNet logits and every gradient.
+
+    The decoder's deformable blocks are off (``attention="none"``): their bilinear sampling is discontinuous
+    where an offset crosses a pixel, so float rounding anywhere upstream moves their gradients by up to 1 % in
+    either path. Eval mode keeps batch statistics and drop-path out of the comparison.
+    """
+    from birefnet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("birefnet_test", encoder="swin_v1_t", attention="none").eval()
+    image = torch.randn(2, 3, 96, 128)  # stages 24x32 .. 3x4: padding and shift masks on every stage
+    results = []
+    for fused in (True, False):
+        model.encoder.set_fused_attention(fused)
+        model.zero_grad(set_to_none=True)
+        logits = model(image).logits
+        logits.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (fused_logits, fused_grads), (stated_logits, stated_grads) = results
+    torch.testing.assert_close(fused_logits, stated_logits, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == stated_grads.keys()
+    assert sum("relative_position_bias_table" in n for n in fused_grads) == 12
+    for name, grad in fused_grads.items():
+        scale = stated_grads[name].abs().max().item()
+        assert (grad - stated_grads[name]).abs().max().item() <= 1e-5 * max(scale, 1.0), name
