@@ -5,7 +5,8 @@ model with ``extra="forbid"``, so a typo, a wrong type or an out-of-range value 
 path, the expected value and the given value before any stage starts work.
 
 Overrides use the same validation: ``--set train.lr=1e-4`` parses the value as YAML and re-validates the
-whole document.
+whole document. The file must be UTF-8, and a key given twice in one mapping is an error (plain YAML loaders
+silently keep the last value).
 """
 
 from __future__ import annotations
@@ -369,7 +370,15 @@ class RegisterParams(Frozen):
     min_delta: Annotated[float, Field(ge=0)] = Field(
         0.001, description="champion moves only when the challenger improves the primary metric by at least this")
     lock_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        120.0, description="wait for another registration's gate lock at most this long; older locks are stale")
+        120.0, description="wait for the gate lock at most this long while another registration or promotion holds it")
+    lock_uri: str = Field(
+        "", description="gate lock: postgresql://... (advisory lock), a lock file path, or 'mlflow' (a lease on the "
+                        "registered model <model_name>.gate-lock); empty = derived from the tracking URI")
+    lease_s: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="an MLflow gate lease not renewed for this long is stale (its holder renews it every "
+                          "lease_s/4); PostgreSQL ends a lock holder's session idle this long")
+    await_registration_s: Annotated[int, Field(ge=0)] = Field(
+        30, description="wait at most this long for a new model version to become READY")
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -392,6 +401,16 @@ class EvaluateParams(Frozen):
     crop_fraction: Annotated[float, Field(gt=0, le=1)] = Field(0.25, description="crop side / shorter image side")
 
 
+# --------------------------------------------------------------------------------------------- serving
+
+
+class ServingParams(Frozen):
+    """Serving the registered model (``birefnet/serving.py``): limits on what one request may send."""
+
+    max_image_pixels: PositiveInt = Field(
+        40_000_000, description="largest image (width x height) a served model accepts; bigger requests are refused")
+
+
 # ------------------------------------------------------------------------------------------- params
 
 
@@ -412,9 +431,69 @@ with warnings.catch_warnings():
         tracking: TrackingParams = Field(default_factory=TrackingParams)
         register: RegisterParams = Field(default_factory=RegisterParams)
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        serving: ServingParams = Field(default_factory=ServingParams)
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML document gives the same key twice.
+
+    Attributes:
+        key: dotted path of the repeated key (``train.lr``).
+        lines: 1-based line numbers of every occurrence, in file order.
+    """
+
+    def __init__(self, key: str, lines: list[int]) -> None:
+        self.key = key
+        self.lines = lines
+        where = ", ".join(str(n) for n in lines)
+        super().__init__(f"duplicate key {key!r} (lines {where}): YAML would silently keep only the last value; "
+                         "keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key repeated within one mapping (:class:`DuplicateKeyError`).
+
+    Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML intends; only keys written
+    explicitly twice in the same mapping are errors.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked (or a recursive one)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, child in enumerate(node.value):
+                self._check_unique_keys(child, f"{path}[{index}]", seen)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        lines: dict[Any, list[int]] = {}
+        names: dict[Any, str] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                key: Any = self.construct_object(key_node)
+                name = str(key)
+                try:
+                    hash(key)
+                except TypeError:
+                    key = (key_node.tag, key_node.value)
+            else:
+                key, name = ("complex", id(key_node)), "<complex key>"
+            lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+            names[key] = name
+            self._check_unique_keys(value_node, f"{path}.{name}" if path else name, seen)
+        for key, found in lines.items():
+            if len(found) > 1:
+                raise DuplicateKeyError(f"{path}.{names[key]}" if path else names[key], found)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -477,7 +556,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ParamsError(f"override {text!r}: empty key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ParamsError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return key.split("."), value
@@ -517,13 +596,26 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         overrides: ``key.path=value`` strings (values parsed as YAML), applied before validation.
 
     Raises:
-        ParamsError: the file is missing, is not YAML, or any value is invalid.
+        ParamsError: the file is missing or unreadable, is not UTF-8, is not YAML, repeats a key, or any value is
+            invalid.
     """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: expected UTF-8 text; byte 0x{data[exc.start]:02x} at line {line} (byte offset "
+                          f"{exc.start}) is not valid UTF-8: save the file as UTF-8") from None
+    try:
+        doc = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - UniqueKeyLoader is a SafeLoader
+    except DuplicateKeyError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if doc is None:

@@ -87,15 +87,30 @@ class TrackingUnavailableError(RuntimeError):
 
 
 def redact_uri(uri: str) -> str:
-    """``uri`` with any ``user:password@`` removed (safe to print and to write into outputs)."""
+    """``uri`` with its credentials masked, safe to print and to write into outputs.
+
+    ``http://user:secret@host:5000`` becomes ``http://user:***@host:5000`` (the user name tells which account was
+    used); a lone user part, which may be a token (``https://TOKEN@host``), becomes ``***@``.
+    """
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    masked = f"{user}:***" if has_password and user else "***"
+    return urlunsplit((parts.scheme, f"{masked}@{hostport}", parts.path, parts.query, parts.fragment))
+
+
+def strip_credentials(uri: str) -> str:
+    """``uri`` without any ``user:password@`` part (for requests that must not carry it, e.g. a health probe)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 1.0) -> None:
@@ -114,7 +129,7 @@ def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, b
 
     if not uri.startswith(("http://", "https://")):
         return
-    url = redact_uri(uri).rstrip("/") + "/health"
+    url = strip_credentials(uri).rstrip("/") + "/health"
     start = time.monotonic()
     reason = ""
     for attempt in range(attempts):

@@ -146,3 +146,71 @@ def test_cli_help_lists_every_stage(venv_bin: Path) -> None:
         assert "--params" in proc.stdout and "--set" in proc.stdout
     proc = subprocess.run([str(venv_bin / "birefnet"), "frobnicate"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("data:\n  size: [64, 64]\n  workers: 1\n  size: [128, 128]\n", "data.size", "lines 2, 4"),
+        ("train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", "train", "lines 1, 3"),
+        ("train:\n  stages:\n    - name: a\n      epochs: 1\n      epochs: 2\n", "train.stages[0].epochs",
+         "lines 4, 5"),
+    ],
+)
+def test_duplicate_keys_are_rejected_with_key_and_lines(tmp_path: Path, text: str, key: str, lines: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert str(path) in msg and f"duplicate key {key!r}" in msg and lines in msg
+
+
+def test_merge_keys_may_be_overridden_but_overrides_may_not_repeat_keys(tmp_path: Path) -> None:
+    from birefnet.config import UniqueKeyLoader
+
+    doc = yaml.load("base: &b {lr: 1, seed: 2}\ntrain: {<<: *b, lr: 3}\n", Loader=UniqueKeyLoader)  # noqa: S506
+    assert doc["train"] == {"lr": 3, "seed": 2}
+    with pytest.raises(ParamsError, match="duplicate key 'x'"):
+        load_params(write(tmp_path, {}), ["data.synthetic.counts={x: 1, x: 2}"])
+
+
+def test_non_utf8_params_file_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes("data:\n  root: données\n".encode("latin-1"))
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert str(path) in msg and "UTF-8" in msg and "line 2" in msg and "0xe9" in msg
+
+
+def test_stage_cli_exits_2_on_duplicate_keys_and_non_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from birefnet.stages.synthesize import main
+
+    out = tmp_path / "synthetic"
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(f"data:\n  synthetic:\n    out: {out}\n    seed: 1\n    seed: 2\n", encoding="utf-8")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(f"data:\n  synthetic:\n    out: {out}\n# \xe9t\xe9\n".encode("latin-1"))
+    assert main(["--params", str(dup)]) == 2
+    err = capsys.readouterr().err
+    assert str(dup) in err and "'data.synthetic.seed'" in err and "lines 4, 5" in err
+    assert main(["--params", str(latin)]) == 2
+    err = capsys.readouterr().err
+    assert str(latin) in err and "UTF-8" in err and "line 4" in err
+    assert not out.exists()
+
+
+def test_serving_params_default_validation_and_documentation(tmp_path: Path, repo_root: Path) -> None:
+    assert Params().serving.max_image_pixels == 40_000_000
+    assert load_params(repo_root / "params.yaml").serving.max_image_pixels == 40_000_000
+    with pytest.raises(ParamsError, match=r"serving\.max_image_pixels: expected a number > 0; given 0"):
+        load_params(write(tmp_path, {"serving": {"max_image_pixels": 0}}))
+    with pytest.raises(ParamsError, match=r"serving\.max_pixels: unknown key"):
+        load_params(write(tmp_path, {"serving": {"max_pixels": 5}}))
+    with pytest.raises(Exception):  # noqa: B017 - frozen
+        Params().serving.max_image_pixels = 1  # type: ignore[misc]
+    line = next(t for t in (repo_root / "params.yaml").read_text(encoding="utf-8").splitlines()
+                if t.strip().startswith("max_image_pixels: 40000000"))
+    assert "#" in line and "refused" in line

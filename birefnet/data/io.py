@@ -13,17 +13,23 @@ Conversions (what a user feeding arbitrary files should expect):
   (``round(v / 257)``); RGB masks become luma (ITU-R 601, as OpenCV's grayscale read); RGBA / LA masks use
   the alpha channel when it is not fully opaque (a cut-out), else the luma; palette masks are expanded first.
 * Declared sizes larger than ``max_pixels`` are rejected from the header, before decoding
-  (decompression-bomb guard).
+  (decompression-bomb guard). The header is parsed with Pillow's format plugins directly, so this limit
+  replaces Pillow's for these reads (it may be above ``Image.MAX_IMAGE_PIXELS``) without reading or
+  assigning that process-wide global: concurrent readers leave Pillow's own guard as it was. A few formats
+  (TIFF tiles, GIF frames) re-check Pillow's global while decoding; above twice its value they are refused.
+* ``expected_sha256`` reads the file once, checks its hash, and decodes those same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import io
+import struct
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -37,6 +43,14 @@ class ImageReadError(ValueError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[ImageReadError], tuple[str, str]]:
+        # the default rebuilds from ``args`` (the one formatted message): keep both fields across processes
+        return type(self), (self.path, self.reason)
+
+
+class PixelLimitError(ImageReadError):
+    """The header declares more pixels than the limit; raised before any pixel is decoded."""
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
@@ -47,39 +61,143 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _open(path: str | Path, max_pixels: int) -> Image.Image:
-    path = Path(path)
+def _identify(fp: IO[bytes], filename: str) -> ImageFile.ImageFile:
+    """Parse an image header with Pillow's format plugins, as ``Image.open`` does, minus its bomb check.
+
+    ``Image.open`` checks the declared size against the process-wide ``Image.MAX_IMAGE_PIXELS`` and raises
+    above twice that value. Calling the plugin factories directly reads the same header (so the size agrees
+    with what Pillow decodes) without reading or changing that global, so concurrent readers cannot leave
+    Pillow's own guard off for the whole process; the caller applies its own limit to the returned size.
+
+    Raises:
+        Image.UnidentifiedImageError: no plugin accepts the data.
+        OSError: a plugin accepted the data but its header is unreadable.
+    """
+    Image.preinit()  # the common formats first (BMP, GIF, JPEG, PPM, PNG), as Image.open tries them
+    Image.init()  # then every other plugin; both return at once after the first call
+    prefix = fp.read(16)
+    for name in list(Image.ID):  # a copy: another thread's init() may append while this one iterates
+        factory, accept = Image.OPEN[name]
+        try:  # accept() may parse the prefix too: an empty or short file must not escape as struct.error
+            if accept is not None:
+                verdict = accept(prefix)
+                if not verdict or isinstance(verdict, str):  # a string is a "maybe, but unsupported" note
+                    continue
+            fp.seek(0)
+            return factory(fp, filename)
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # not this format after all (Image.open tries the next plugin too)
+    raise Image.UnidentifiedImageError(f"cannot identify image file {filename!r}")
+
+
+def _header_size(fp: IO[bytes], path: Path) -> tuple[ImageFile.ImageFile, int, int]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # The header is read lazily: size is known before any pixel is decoded.
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                img = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        img = _identify(fp, str(path))
     except Image.UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format (cannot identify image file)") from None
-    except OSError as exc:
+    except Image.DecompressionBombError as exc:
+        # a few plugins (GIF, ICO, ICNS, MPO) check Pillow's process-wide limit themselves while opening
+        raise ImageReadError(path, f"Pillow refused the declared size under its process-wide "
+                                   f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} ({exc})") from None
+    except (OSError, ValueError) as exc:
         raise ImageReadError(path, f"cannot open image: {exc}") from None
-    w, h = img.size
-    if w * h > max_pixels:
+    width, height = img.size
+    return img, width, height
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int, key: str) -> None:
+    if width * height > max_pixels:
+        raise PixelLimitError(
+            path, f"image header declares {width}x{height} = {width * height} pixels, more than {key} = "
+                  f"{max_pixels} (decompression-bomb guard)")
+
+
+def read_header_size(path: str | Path, max_pixels: int | None = None, *,
+                     limit_name: str = "data.max_image_pixels") -> tuple[int, int]:
+    """Declared ``(width, height)`` of an image file from its header only (no pixel is decoded).
+
+    Args:
+        path: the image file.
+        max_pixels: when given, refuse a declared size above it.
+        limit_name: the parameter named in the error when ``max_pixels`` is exceeded.
+
+    Raises:
+        ImageReadError: missing, not an image, unreadable header, or over ``max_pixels``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            img, width, height = _header_size(fh, path)
+            img.close()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file: {exc}") from None
+    if max_pixels is not None:
+        _check_pixels(path, width, height, max_pixels, limit_name)
+    return width, height
+
+
+def header_size_of_bytes(data: bytes, max_pixels: int | None = None, *, name: str = "<bytes>",
+                         limit_name: str = "max_image_pixels") -> tuple[int, int]:
+    """Declared ``(width, height)`` of encoded image bytes (PNG, JPEG, ...) from the header only.
+
+    Args:
+        data: the encoded file content.
+        max_pixels: when given, refuse a declared size above it.
+        name: what the error messages call the data.
+        limit_name: the parameter named in the error when ``max_pixels`` is exceeded.
+
+    Raises:
+        ImageReadError: not an image, unreadable header, or over ``max_pixels``.
+    """
+    img, width, height = _header_size(io.BytesIO(data), Path(name))
+    img.close()
+    if max_pixels is not None:
+        _check_pixels(Path(name), width, height, max_pixels, limit_name)
+    return width, height
+
+
+def _decode(fp: IO[bytes], path: Path, max_pixels: int, limit_name: str = "data.max_image_pixels") -> Image.Image:
+    """Decode from ``fp`` (kept open by the caller until this returns) after checking the declared size."""
+    img, width, height = _header_size(fp, path)
+    try:
+        _check_pixels(path, width, height, max_pixels, limit_name)
+    except ImageReadError:
         img.close()
-        raise ImageReadError(
-            path, f"image header declares {w}x{h} = {w * h} pixels, more than data.max_image_pixels = {max_pixels} "
-                  "(decompression-bomb guard)")
+        raise
     try:
         img.load()
+    except Image.DecompressionBombError as exc:
+        # A few plugins (TIFF tiles, GIF frames) re-check Pillow's process-wide limit while decoding.
+        raise ImageReadError(
+            path, f"Pillow refused to decode {width}x{height} pixels under its process-wide "
+                  f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"cannot decode image data ({exc})") from None
     try:
-        img = ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img)
     except Exception as exc:  # noqa: BLE001 - a broken EXIF block is a bad input, reported by name
         raise ImageReadError(path, f"invalid EXIF orientation data ({exc})") from None
-    return img
+
+
+def _open(path: str | Path, max_pixels: int, expected_sha256: str | None = None) -> Image.Image:
+    """Decode ``path`` after checking its declared size (and its sha256 when ``expected_sha256`` is given)."""
+    path = Path(path)
+    try:
+        if expected_sha256 is None:
+            with open(path, "rb") as fh:
+                return _decode(fh, path, max_pixels)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file: {exc}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256.strip().lower():
+        raise ImageReadError(path, f"sha256 mismatch: expected {expected_sha256}, actual {actual} "
+                                   "(the file changed after its hash was recorded)")
+    return _decode(io.BytesIO(data), path, max_pixels)
 
 
 def _to_uint8(arr: np.ndarray, round_scale: bool) -> np.ndarray:
@@ -105,16 +223,46 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return np.rint(y).clip(0, 255).astype(np.uint8)
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               expected_sha256: str | None = None) -> np.ndarray:
     """Read an image file as RGB.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse a header that declares more pixels (checked before decoding).
+        expected_sha256: when given, the file is read once into memory, its SHA-256 compared with this hex
+            digest, and the image decoded from those same bytes (so what is decoded is what was hashed).
 
     Returns:
         (H, W, 3) uint8 array, RGB order, EXIF orientation applied.
 
     Raises:
-        ImageReadError: unreadable, truncated, not an image, or over ``max_pixels``.
+        ImageReadError: unreadable, truncated, not an image, over ``max_pixels``, or (with
+            ``expected_sha256``) content whose hash differs; the message names the file.
     """
-    img = _open(path, max_pixels)
+    return _to_rgb(_open(path, max_pixels, expected_sha256))
+
+
+def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, name: str = "<bytes>",
+                     limit_name: str = "data.max_image_pixels") -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory as RGB, with :func:`load_image`'s conversions.
+
+    Args:
+        data: the encoded file content.
+        max_pixels: refuse a header that declares more pixels (checked before decoding).
+        name: what error messages call the data (a file name, "request image 3", ...).
+        limit_name: the parameter named when ``max_pixels`` is exceeded.
+
+    Returns:
+        (H, W, 3) uint8 array, RGB order, EXIF orientation applied.
+
+    Raises:
+        ImageReadError: not an image, truncated, or over ``max_pixels``; the message names ``name``.
+    """
+    return _to_rgb(_decode(io.BytesIO(data), Path(name), max_pixels, limit_name))
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -138,16 +286,24 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return np.ascontiguousarray(arr)
 
 
-def load_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_mask(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+              expected_sha256: str | None = None) -> np.ndarray:
     """Read a ground-truth mask as 8-bit gray.
+
+    Args:
+        path: the mask file.
+        max_pixels: refuse a header that declares more pixels (checked before decoding).
+        expected_sha256: when given, the file is read once into memory, its SHA-256 compared with this hex
+            digest, and the mask decoded from those same bytes.
 
     Returns:
         (H, W) uint8 array (0 background .. 255 foreground), EXIF orientation applied.
 
     Raises:
-        ImageReadError: unreadable, truncated, not an image, or over ``max_pixels``.
+        ImageReadError: unreadable, truncated, not an image, over ``max_pixels``, or (with
+            ``expected_sha256``) content whose hash differs; the message names the file.
     """
-    img = _open(path, max_pixels)
+    img = _open(path, max_pixels, expected_sha256)
     mode = img.mode
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

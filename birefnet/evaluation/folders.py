@@ -16,6 +16,10 @@ Writes one JSON document (the schema the evaluate stage writes too)::
 
 ``mean`` is the unweighted mean over DIS-TE1..4 when all four are scored (the paper's DIS-TE column), else
 over all sets. Results do not depend on ``--workers``: images are scored independently and reduced in order.
+
+Every file's header is read before it is decoded: a declared size over ``data.max_image_pixels`` (from
+``--params`` when given, else the project default) is refused, naming the file (decompression-bomb guard;
+OpenCV alone decodes up to 2^30 pixels).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from birefnet.data.io import DEFAULT_MAX_PIXELS, ImageReadError, read_header_size
 from birefnet.evaluation.hce import EPSILON, RELAX
 from birefnet.evaluation.metrics import METRIC_KEYS, ImageScores, MetricAccumulator, SetResult, score_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 DIS_TEST_SETS = ("DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
 EXIT_MISSING = 3  # the project's exit code for bad input data
+EXIT_PARAMS = 2  # the project's exit code for bad parameters
 
 
 class MissingPredictionError(FileNotFoundError):
@@ -97,18 +103,28 @@ def pair_files(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     return [(preds[stem], masks[stem]) for stem in sorted(masks)]
 
 
-def read_grey(path: Path) -> np.ndarray:
-    """Read an image as ``(H, W)`` uint8 grey (``cv2.IMREAD_GRAYSCALE``, as upstream does)."""
+def read_grey(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as ``(H, W)`` uint8 grey (``cv2.IMREAD_GRAYSCALE``, as upstream does).
+
+    The header is parsed first and a declared size over ``max_pixels`` is refused before any pixel is decoded.
+
+    Raises:
+        MissingPredictionError: unreadable, not an image, or over ``max_pixels``; the message names the file.
+    """
+    try:
+        read_header_size(path, max_pixels)
+    except ImageReadError as exc:
+        raise MissingPredictionError(str(exc)) from None
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise MissingPredictionError(f"cannot read image {path}")
     return image
 
 
-def score_files(paths: tuple[Path, Path], hce: bool = True) -> ImageScores:
-    """Score one ``(prediction path, mask path)`` pair."""
+def score_files(paths: tuple[Path, Path], hce: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageScores:
+    """Score one ``(prediction path, mask path)`` pair; each file is refused over ``max_pixels``."""
     pred_path, gt_path = paths
-    return score_image(read_grey(pred_path), read_grey(gt_path), hce=hce)
+    return score_image(read_grey(pred_path, max_pixels), read_grey(gt_path, max_pixels), hce=hce)
 
 
 def _init_worker() -> None:
@@ -116,12 +132,12 @@ def _init_worker() -> None:
 
 
 def _scores(pairs: list[tuple[Path, Path]], hce: bool, workers: int, desc: str,
-            progress: bool) -> Iterator[ImageScores]:
+            progress: bool, max_pixels: int) -> Iterator[ImageScores]:
     from functools import partial
 
     from tqdm import tqdm
 
-    score = partial(score_files, hce=hce)
+    score = partial(score_files, hce=hce, max_pixels=max_pixels)
     bar = dict(total=len(pairs), desc=desc, unit="img", disable=not progress)
     if workers <= 1:
         yield from tqdm(map(score, pairs), **bar)
@@ -143,7 +159,7 @@ def mean_over_sets(results: dict[str, SetResult]) -> dict[str, object]:
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, hce: bool = True, workers: int = 1,
-                     progress: bool = False) -> dict[str, object]:
+                     progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, object]:
     """Score prediction folders against ground-truth folders.
 
     Args:
@@ -152,6 +168,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, hce: bool = Tr
         hce: compute HCE (the slowest metric).
         workers: processes to score images in; results are identical for any value.
         progress: show a tqdm bar per set.
+        max_pixels: refuse any file whose header declares more pixels (``data.max_image_pixels``).
 
     Returns:
         ``{"sets": {name: metrics}, "mean": {...}, "meta": {...}}`` as in the module docstring, plus the
@@ -159,7 +176,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, hce: bool = Tr
         "emeasure"}}``, (256,) float64 arrays; not JSON-ready, :func:`main` leaves them out).
 
     Raises:
-        MissingPredictionError: a mask without a prediction, an unreadable image or no masks at all.
+        MissingPredictionError: a mask without a prediction, an unreadable or oversized image, or no masks.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not gt_dir.is_dir():
@@ -169,7 +186,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, hce: bool = Tr
     results: dict[str, SetResult] = {}
     for name, pairs in paired.items():
         accumulator = MetricAccumulator()
-        accumulator.extend(_scores(pairs, hce, workers, name, progress))
+        accumulator.extend(_scores(pairs, hce, workers, name, progress, max_pixels))
         results[name] = accumulator.compute()
     return {
         "sets": {name: dict(r.metrics) for name, r in results.items()},
@@ -189,15 +206,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="processes (results do not depend on it)")
     parser.add_argument("--no-hce", dest="hce", action="store_false", help="skip HCE (the slowest metric)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="params file whose data.max_image_pixels limits each image's declared size "
+                             f"(default without it: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one parameter of --params (repeatable)")
     return parser
 
 
+def _max_pixels(args: argparse.Namespace) -> int:
+    """``data.max_image_pixels`` of ``--params`` (with ``--set``), or the project default without a file."""
+    if args.params is None:
+        return DEFAULT_MAX_PIXELS
+    from birefnet.config import load_params
+
+    return load_params(args.params, args.overrides).data.max_image_pixels
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the folder scoring; 0 on success, 3 when a prediction is missing or an image unreadable."""
-    args = get_args_parser().parse_args(argv)
+    """Run the folder scoring; 0 on success, 2 on bad params, 3 when a prediction is missing or an image is
+    unreadable or over ``data.max_image_pixels``."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.overrides and args.params is None:
+        parser.error("--set needs --params")
+    from birefnet.config import ParamsError
+
+    try:
+        max_pixels = _max_pixels(args)
+    except ParamsError as exc:
+        print(f"error: evaluate: {exc}", file=sys.stderr)
+        return EXIT_PARAMS
     try:
         report = evaluate_folders(args.pred_dir, args.gt_dir, hce=args.hce, workers=max(1, args.workers),
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, max_pixels=max_pixels)
     except MissingPredictionError as exc:
         print(f"error: evaluate: {exc}", file=sys.stderr)
         return EXIT_MISSING

@@ -19,8 +19,13 @@ and MAE are computed exactly from four per-quadrant 512-bin histograms (8-bit va
 needs the nearest-foreground error in a 3-pixel band around the foreground (found by a local search that
 breaks ties as scipy's feature transform does), a separable Gaussian, and exact distances to the foreground.
 
-One deliberate difference: where PySODMetrics' S-measure returns NaN (all foreground in the last row or
-column makes a quadrant empty: ``nan * 0``), an empty quadrant contributes 0 here.
+Two deliberate differences:
+
+* where PySODMetrics' S-measure returns NaN (all foreground in the last row or column makes a quadrant empty:
+  ``nan * 0``), an empty quadrant contributes 0 here;
+* the E-measure is capped at 1. The reference divides a sum over ``w * h`` pixels by ``w * h - 1 + eps``, so a
+  (near-)perfect map on a ``w * h``-pixel image scores up to ``w * h / (w * h - 1)`` there (1.0003 on 50x70,
+  2 on 1x2, 4.5e15 on 1x1); wherever the reference is at most 1 the values are equal.
 """
 
 from __future__ import annotations
@@ -309,7 +314,11 @@ def _e_measure(stats: _Stats, fg_fg: np.ndarray | int, fg_bg: np.ndarray | int) 
             a, b = pred_values[pi], gt_values[gi]
             align = 2 * (a * b) / (a * a + b * b + EPS)
             enhanced = enhanced + (align + 1) ** 2 / 4 * numel
-    return enhanced / (size - 1 + EPS)
+    # The reference (Fan et al.'s MATLAB code, PySODMetrics) divides the sum over ``size`` pixels, each term in
+    # [0, 1], by ``size - 1 + eps``: a (near-)perfect map scores up to size / (size - 1) (2 on a 1x2 image) and
+    # a 1x1 image divides by eps (2.25e15 on a match). The E-measure of a perfect map is 1, so the ratio is
+    # capped at 1; below 1 it is the reference's value exactly.
+    return np.minimum(enhanced / (size - 1 + EPS), 1.0)
 
 
 def _mae(stats: _Stats) -> float:
@@ -429,6 +438,19 @@ def _weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, table: np.ndarray) -> f
     return float((1 + WF_BETA) * recall * precision / (recall + WF_BETA * precision + EPS))
 
 
+def _prepare(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(uint8 prediction at the ground truth's size, bool ground truth)``, both C-contiguous ``(H, W)``.
+
+    Raises:
+        ValueError: a map with no pixels (every metric divides by the pixel count).
+    """
+    gt_mask = binarize_gt(gt)
+    pred8 = to_uint8(pred)
+    if gt_mask.size == 0 or pred8.size == 0:
+        raise ValueError(f"cannot score an empty map: prediction shape {pred8.shape}, ground truth {gt_mask.shape}")
+    return np.ascontiguousarray(resize_to(pred8, gt_mask.shape)), np.ascontiguousarray(gt_mask)
+
+
 def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageScores:
     """Score one prediction against its ground truth with the full suite.
 
@@ -439,13 +461,12 @@ def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageS
         hce: also compute the DIS human correction effort (the slowest metric).
 
     Returns:
-        The per-image scores and threshold curves.
+        The per-image scores and threshold curves; every score but HCE is in [0, 1] for any image size.
+
+    Raises:
+        ValueError: a map with no pixels, or not 2-D.
     """
-    gt_raw = np.asarray(gt)
-    gt_mask = binarize_gt(gt_raw)
-    pred8 = resize_to(to_uint8(pred), gt_mask.shape)
-    gt_mask = np.ascontiguousarray(gt_mask)
-    pred8 = np.ascontiguousarray(pred8)
+    pred8, gt_mask = _prepare(pred, gt)
     stats = _Stats(pred8, gt_mask)
     fg_ge, bg_ge = _threshold_counts(stats)
     precision, recall, fm_curve = _f_curves(stats, fg_ge, bg_ge)
@@ -468,14 +489,12 @@ def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageS
 
 def s_measure(pred: np.ndarray, gt: np.ndarray) -> float:
     """S-measure (alpha = 0.5) of one pair; inputs as in :func:`score_image`."""
-    gt_mask = binarize_gt(gt)
-    return float(_s_measure(_Stats(resize_to(to_uint8(pred), gt_mask.shape), gt_mask)))
+    return float(_s_measure(_Stats(*_prepare(pred, gt))))
 
 
 def mae(pred: np.ndarray, gt: np.ndarray) -> float:
     """Mean absolute error of one pair; inputs as in :func:`score_image`."""
-    gt_mask = binarize_gt(gt)
-    return _mae(_Stats(resize_to(to_uint8(pred), gt_mask.shape), gt_mask))
+    return _mae(_Stats(*_prepare(pred, gt)))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 ``save_model`` writes the state dict and, in the file's metadata, the JSON of the ``ModelParams`` it was
 built from; ``load_model`` rebuilds the same architecture from the file alone (``birefnet.load_model``).
+A file that cannot be used (truncated, not safetensors, not written by ``save_model``, tensors that do not fit
+the embedded params) raises :class:`ModelFileError` naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from birefnet.config import ModelParams
+from birefnet.errors import ModelFileError
 from birefnet.models.birefnet import BiRefNet
 from birefnet.models.registry import build_model
 
@@ -75,13 +79,41 @@ def _sort_metadata(path: Path) -> None:
         handle.write(text + b" " * (length - len(text)))
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty when it has none).
+
+    Raises:
+        ModelFileError: the file cannot be read or is not a complete safetensors file (e.g. truncated).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(_unreadable(path, exc)) from None
+
+
+def _unreadable(path: str | Path, exc: BaseException) -> str:
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    shown = f"{size} bytes" if size is not None else "not a regular file"
+    return (f"model file {path} ({shown}) is not a readable safetensors file ({exc}); expected a complete "
+            ".safetensors written by `birefnet train`, save_model or `birefnet convert-upstream` (a truncated "
+            "download or copy looks like this: fetch it again)")
+
+
 def read_model_params(path: str | Path) -> ModelParams:
-    """The ``ModelParams`` embedded in a file written by ``save_model``."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    """The ``ModelParams`` embedded in a file written by ``save_model``.
+
+    Raises:
+        ModelFileError: unreadable file, no ``PARAMS_KEY`` metadata, or metadata that is not valid params.
+    """
+    metadata = read_metadata(path)
     if PARAMS_KEY not in metadata:
-        raise ValueError(f"{path}: no {PARAMS_KEY!r} metadata; not written by birefnet save_model")
-    return ModelParams.model_validate(json.loads(metadata[PARAMS_KEY]))
+        raise ModelFileError(f"{path}: no {PARAMS_KEY!r} metadata; not written by birefnet save_model (an upstream "
+                             "BiRefNet .pth converts with `birefnet convert-upstream`)")
+    try:
+        return ModelParams.model_validate(json.loads(metadata[PARAMS_KEY]))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ModelFileError(f"{path}: metadata {PARAMS_KEY!r} is not valid model params: {exc}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> BiRefNet:
@@ -95,13 +127,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
 
     Returns:
         The model in eval mode; ``model(image).logits`` is the ``(B, 1, H, W)`` prediction.
+
+    Raises:
+        ModelFileError: the file is unreadable, truncated, foreign, or its tensors do not fit its params.
     """
     params = read_model_params(path)
     if overrides:
         params = ModelParams.model_validate({**params.model_dump(), **overrides})
     model = build_model(params)
-    state = load_file(str(path), device="cpu")
-    model.load_state_dict(state, strict=True)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(_unreadable(path, exc)) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: its tensors do not fit the architecture in its own {PARAMS_KEY!r} metadata "
+                             f"(a damaged or hand-edited file): {str(exc)[:500]}") from None
     return model.to(device).eval()
 
 

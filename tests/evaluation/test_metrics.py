@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import cv2
 import numpy as np
@@ -29,9 +30,28 @@ SCALARS = [k for k in METRIC_KEYS if k != "HCE"]
 CURVES = ("precision", "recall", "fmeasure", "emeasure")
 
 
+def capped_e_oracle(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
+    """PySODMetrics' E-measure per image capped at 1 (its ``/(size - 1)`` exceeds 1 near a perfect map), then
+    reduced over the set as PySODMetrics reduces it."""
+    import py_sod_metrics as sod
+
+    curves, adaptive = [], []
+    for pred, gt in pairs:
+        if pred.shape != gt.shape:
+            pred = cv2.resize(pred, gt.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        metric = sod.Emeasure()
+        metric.step(pred=pred, gt=gt)
+        result = metric.get_results()["em"]
+        curves.append(np.minimum(result["curve"][::-1], 1.0))
+        adaptive.append(min(float(result["adp"]), 1.0))
+    curve = np.mean(curves, axis=0)
+    return {"maxE": float(curve.max()), "meanE": float(curve.mean()), "adpE": float(np.mean(adaptive)),
+            "emeasure": curve}
+
+
 def assert_matches_oracle(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     ours = score_set(pairs, hce=False)
-    ref = oracle(pairs)
+    ref = oracle(pairs) | capped_e_oracle(pairs)
     for key in SCALARS:
         assert ours.metrics[key] == pytest.approx(ref[key], abs=TOL), key
     for key in CURVES:
@@ -181,3 +201,91 @@ def test_foreground_distance_beyond_float32_exactness_falls_back() -> None:
     gt = np.zeros((3, 4100), bool)
     gt[1, 0] = True
     np.testing.assert_array_equal(_foreground_distance(gt, ~gt), distance_transform_edt(~gt)[~gt])
+
+
+# --- degenerate sizes: 1x1, 1xN, Nx1 ---------------------------------------------------------------------------
+
+TINY_SHAPES = [(1, 1), (1, 2), (2, 1), (1, 7), (7, 1), (1, 64), (64, 1), (2, 2), (3, 3)]
+
+
+def _tiny_pairs(shape: tuple[int, int], seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Prediction/ground-truth combinations on one small shape: perfect, inverted, constant, random."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    random_gt = (rng.random(shape) > 0.5).astype(np.uint8) * 255
+    cases = []
+    for gt_name, gt in (("gt0", np.zeros(shape, np.uint8)), ("gt255", np.full(shape, 255, np.uint8)),
+                        ("gtrand", random_gt)):
+        cases += [
+            (f"{gt_name}-perfect", gt.copy(), gt),
+            (f"{gt_name}-inverted", 255 - gt, gt),
+            (f"{gt_name}-const0", np.zeros(shape, np.uint8), gt),
+            (f"{gt_name}-const255", np.full(shape, 255, np.uint8), gt),
+            (f"{gt_name}-const77", np.full(shape, 77, np.uint8), gt),
+            (f"{gt_name}-random", rng.integers(0, 256, shape).astype(np.uint8), gt),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES, ids=[f"{h}x{w}" for h, w in TINY_SHAPES])
+def test_tiny_images_scores_in_unit_range_and_equal_pysodmetrics(shape: tuple[int, int]) -> None:
+    """E-measure on 1x1 was 2.25e15 (division by ``size - 1``); every score must stay in [0, 1] for any size."""
+    import py_sod_metrics as sod
+
+    for name, pred, gt in _tiny_pairs(shape, seed=sum(shape)):
+        scores = score_image(pred, gt)
+        for key, value in (("sm", scores.sm), ("mae", scores.mae), ("wfm", scores.wfm), ("adp_fm", scores.adp_fm),
+                           ("adp_em", scores.adp_em)):
+            assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, key, value)
+        for key, curve in (("em", scores.em_curve), ("fm", scores.fm_curve), ("p", scores.precision),
+                           ("r", scores.recall)):
+            assert np.all(np.isfinite(curve)) and curve.min() >= 0.0 and curve.max() <= 1.0, (name, key)
+        assert scores.hce is not None and math.isfinite(scores.hce) and scores.hce >= 0, name
+        # equal to PySODMetrics wherever it is defined (finite; E capped at 1)
+        ref_e = capped_e_oracle([(pred, gt)])
+        np.testing.assert_allclose(scores.em_curve, ref_e["emeasure"], atol=TOL, err_msg=name)
+        assert scores.adp_em == pytest.approx(ref_e["adpE"], abs=TOL), name
+        for metric, key, ours in ((sod.Smeasure(), "sm", scores.sm), (sod.WeightedFmeasure(), "wfm", scores.wfm),
+                                  (sod.MAE(), "mae", scores.mae)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # PySODMetrics' mean of an empty quadrant
+                metric.step(pred=pred, gt=gt)
+                ref = float(metric.get_results()[key])
+            if math.isfinite(ref):
+                assert ours == pytest.approx(ref, abs=TOL), (name, key)
+
+
+def test_one_pixel_e_measure_is_zero_or_one() -> None:
+    # (pred, gt, best E over thresholds, adaptive E); an all-zero map has adaptive threshold 0, so it is all
+    # foreground there (PySODMetrics' convention) and scores 0 on an empty ground truth
+    for pred_value, gt_value, best, adaptive in ((255, 255, 1.0, 1.0), (0, 0, 1.0, 0.0), (0, 255, 1.0, 1.0),
+                                                 (255, 0, 0.0, 0.0)):
+        scores = score_image(np.full((1, 1), pred_value, np.uint8), np.full((1, 1), gt_value, np.uint8))
+        assert scores.adp_em == adaptive, (pred_value, gt_value)
+        assert scores.em_curve.max() == best and scores.em_curve.min() >= 0.0, (pred_value, gt_value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_small_cases_equal_pysodmetrics(seed: int) -> None:
+    """Random small shapes (including single rows/columns) reduced as a set: equal to PySODMetrics (E capped)."""
+    rng = np.random.default_rng(100 + seed)
+    pairs = []
+    for _ in range(8):
+        h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        gt = (rng.random((h, w)) > rng.random()).astype(np.uint8) * 255
+        pred = rng.integers(0, 256, (h, w)).astype(np.uint8)
+        pairs.append((pred, gt))
+    ours = score_set(pairs, hce=False)
+    ref = capped_e_oracle(pairs)
+    for key in ("maxE", "meanE", "adpE"):
+        assert 0.0 <= ours.metrics[key] <= 1.0
+        assert ours.metrics[key] == pytest.approx(ref[key], abs=TOL), key
+    np.testing.assert_allclose(ours.curves["emeasure"], ref["emeasure"], atol=TOL)
+
+
+@pytest.mark.parametrize("pred_shape,gt_shape", [((0, 5), (0, 5)), ((0, 5), (3, 5)), ((3, 5), (5, 0))])
+def test_empty_maps_are_refused_with_their_shapes(pred_shape: tuple[int, int], gt_shape: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="empty map"):
+        score_image(np.zeros(pred_shape, np.uint8), np.zeros(gt_shape, np.uint8))
+    with pytest.raises(ValueError, match="empty map"):
+        s_measure(np.zeros(pred_shape, np.uint8), np.zeros(gt_shape, np.uint8))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +15,12 @@ from PIL import Image
 
 from birefnet.models import BiRefNet
 from birefnet.predict import (
+    PredictInputError,
     collect_inputs,
     main,
     make_cutout,
     model_resolution,
+    plan_outputs,
     postprocess,
     predict_files,
     predict_images,
@@ -122,13 +128,155 @@ def test_no_cutout_and_recursive_mirror(tiny_model_file: Path, tmp_path: Path) -
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in report.masks) == ["a/same.png", "b/same.png"]
 
 
-def test_collect_inputs_disambiguates_clashing_stems(tmp_path: Path) -> None:
+def test_plan_outputs_disambiguates_clashing_stems(tmp_path: Path) -> None:
     for name in ("x.png", "x.jpg"):
         Image.fromarray(_rgb(8, 8)).save(tmp_path / name)
     images, failures = collect_inputs([tmp_path / "x.png", tmp_path / "x.jpg", tmp_path / "x.png",
                                        str(tmp_path / "nothing*.png")])
-    assert [stem.as_posix() for _, stem in images] == ["x", "x_jpg"]
     assert [f.reason for f in failures] == ["pattern matched no file"]
+    plan, renames = plan_outputs(images, tmp_path / "out")
+    assert [stem.as_posix() for _, stem in plan] == ["x", "x_jpg"]
+    assert [(r.path, r.wanted, r.used) for r in renames] == [(str(tmp_path / "x.jpg"), "x", "x_jpg")]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_input_named_like_another_inputs_cutout_gets_its_own_outputs(
+        tiny_model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``x.png`` and ``x_cutout.png``: x's cut-out and x_cutout's mask both wanted ``x_cutout.png``."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(_rgb(20, 30, 1)).save(inputs / "x.png")
+    Image.fromarray(_rgb(44, 52, 2)).save(inputs / "x_cutout.png")
+    out = tmp_path / "out"
+    args = [str(inputs), "--model", str(tiny_model_file), "--out", str(out), "--size", *map(str, TEST_SIZE),
+            "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["x.png", "x_cutout.png", "x_cutout_png.png",
+                                                     "x_cutout_png_cutout.png"]
+    # every output is at its own input's size: nothing was written twice
+    assert Image.open(out / "x.png").size == Image.open(out / "x_cutout.png").size == (30, 20)
+    assert Image.open(out / "x_cutout_png.png").size == Image.open(out / "x_cutout_png_cutout.png").size == (52, 44)
+    assert Image.open(out / "x_cutout.png").mode == "RGBA"
+    assert "predicted 2 of 2" in summary and "1 output name(s) changed" in summary
+    assert f"{inputs / 'x_cutout.png'}: x_cutout.png -> x_cutout_png.png" in summary
+    assert f"{out / 'x_cutout.png'} is already the output of {inputs / 'x.png'}" in summary
+
+
+def test_out_in_an_input_folder_is_refused_and_inputs_are_never_overwritten(
+        tiny_model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_rgb(20, 30, 1)).save(photos / "x.png")
+    Image.fromarray(_rgb(24, 32, 2)).save(photos / "y.jpg")
+    before = _digests(photos)
+    common = ["--model", str(tiny_model_file), "--size", *map(str, TEST_SIZE), "--device", "cpu", "--no-progress"]
+
+    for out, inputs in [(photos, [str(photos)]),                       # --out is the input folder
+                        (photos / "masks", [str(photos)]),             # --out inside the input folder
+                        (photos, [str(photos / "x.png")]),             # --out holds an input file
+                        (photos, [str(photos / "*.png")])]:            # ... matched by a glob
+        assert main([*inputs, "--out", str(out), *common]) == 3, (out, inputs)
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and str(photos) in err and "--overwrite" in err
+        assert _digests(photos) == before and not (photos / "masks").exists()
+    with pytest.raises(PredictInputError, match="input folder"):
+        predict_files([photos], tiny_model_file, photos, size=TEST_SIZE, progress=False)
+
+    # --overwrite lets the masks in, but the photos stay: x.png's mask takes another name
+    assert main([str(photos), "--out", str(photos), "--overwrite", *common]) == 0
+    summary = capsys.readouterr().out
+    after = _digests(photos)
+    assert {k: after[k] for k in before} == before
+    assert sorted(after) == ["x.png", "x_png.png", "x_png_cutout.png", "y.jpg", "y.png", "y_cutout.png"]
+    assert f"{photos / 'x.png'}: x.png -> x_png.png (would overwrite the input {photos / 'x.png'})" in summary
+
+
+def test_rerun_replaces_its_own_outputs_but_not_other_files(tiny_model_file: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    Image.fromarray(_rgb(20, 30, 1)).save(inputs / "a.png")
+    Image.fromarray(_rgb(22, 26, 2)).save(inputs / "b.jpg")
+    args = [str(inputs), "--model", str(tiny_model_file), "--out", str(out), "--size", *map(str, TEST_SIZE),
+            "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    first = _digests(out)
+    assert main(args) == 0  # an earlier run's outputs are replaced, under the same names
+    assert _digests(out) == first and "changed" not in capsys.readouterr().out
+
+    foreign = out / "b.png"
+    Image.fromarray(_rgb(5, 5, 3)).save(foreign)  # a file this tool did not write, where b's mask goes
+    kept = foreign.read_bytes()
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert str(foreign) in err and "did not write" in err and "--overwrite" in err
+    assert foreign.read_bytes() == kept
+    assert main([*args, "--overwrite"]) == 0
+    assert _digests(out) == first
+
+
+def test_too_small_size_is_a_clear_usage_error(tiny_model_file: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny model reads the half-size image too (multiscale_input cat): 32 px leaves no deepest map."""
+    Image.fromarray(_rgb(20, 30)).save(tmp_path / "a.png")
+    common = [str(tmp_path / "a.png"), "--model", str(tiny_model_file), "--out", str(tmp_path / "out"),
+              "--device", "cpu", "--no-progress"]
+    assert main([*common, "--size", "32", "32"]) == 2
+    err = capsys.readouterr().err
+    assert str(tiny_model_file) in err and "32x32" in err and "at least 64" in err and "Traceback" not in err
+    assert main([*common, "--size", "64", "32"]) == 2
+    assert main([*common, "--size", "64", "64"]) == 0
+
+
+def test_truncated_model_file_is_a_clear_input_error(tiny_model_file: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    truncated = tmp_path / "model.safetensors"
+    with tiny_model_file.open("rb") as src:
+        truncated.write_bytes(src.read(1 << 20))  # header complete, tensor data cut short
+    Image.fromarray(_rgb(20, 30)).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "--model", str(truncated), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert str(truncated) in err and "not a readable safetensors file" in err and f"{1 << 20} bytes" in err
+    assert main([*args, "--size", *map(str, TEST_SIZE)]) == 3
+    not_safetensors = tmp_path / "model.pth"
+    shutil.copy(tmp_path / "a.png", not_safetensors)
+    assert main([*args[:2], str(not_safetensors), *args[3:]]) == 3
+    assert str(not_safetensors) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_with_redacted_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://alice:s3cret-pw@127.0.0.1:{port}"
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # another test may have set one in this process
+    Image.fromarray(_rgb(20, 30)).save(tmp_path / "a.png")
+    try:
+        start = time.monotonic()
+        code = main([str(tmp_path / "a.png"), "--model", "models:/birefnet@champion", "--out", str(tmp_path / "out"),
+                     "--device", "cpu", "--no-progress"])
+        elapsed = time.monotonic() - start
+    finally:
+        mlflow.set_tracking_uri(previous)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert f"http://alice:***@127.0.0.1:{port}" in err and "unreachable" in err
+    assert "s3cret-pw" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_images_batch_equals_one_by_one(tiny_model: BiRefNet) -> None:

@@ -11,7 +11,7 @@ import torch
 import birefnet
 from birefnet.config import ModelParams
 from birefnet.models import build_model, save_model
-from birefnet.models.io import read_model_params
+from birefnet.models.io import PARAMS_KEY, ModelFileError, read_model_params
 
 PARAMS = ModelParams(encoder="test_convnext", attention="aspp", multiscale_input="cat", auxiliary_classification=True)
 
@@ -67,3 +67,32 @@ def test_encoder_weights_from_local_file(tmp_path: Path) -> None:
 def test_missing_encoder_weights_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         build_model(ModelParams(encoder="test_convnext", encoder_weights=tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("keep", [0, 7, 200, -1])
+def test_truncated_file_is_a_model_file_error_naming_it(tmp_path: Path, keep: int) -> None:
+    path = save_model(build_model(PARAMS), PARAMS, tmp_path / "model.safetensors")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:keep] if keep >= 0 else data[: len(data) // 2])
+    with pytest.raises(ModelFileError) as info:
+        birefnet.load_model(cut)
+    msg = str(info.value)
+    assert str(cut) in msg and "not a readable safetensors file" in msg and f"({cut.stat().st_size} bytes)" in msg
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+        read_model_params(cut)
+
+
+def test_tensors_that_do_not_fit_the_params_are_a_model_file_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build_model(PARAMS).state_dict().items()}
+    state.pop(next(iter(state)))
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path), metadata={PARAMS_KEY: PARAMS.model_dump_json()})
+    with pytest.raises(ModelFileError, match="do not fit the architecture"):
+        birefnet.load_model(path)
+    bad_json = tmp_path / "bad_json.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad_json), metadata={PARAMS_KEY: "{not json"})
+    with pytest.raises(ModelFileError, match="not valid model params"):
+        read_model_params(bad_json)

@@ -1,0 +1,41 @@
+"""Tracking helpers: credentials never printed, an unreachable server fails fast and is named."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from birefnet.tracking import TrackingUnavailableError, check_tracking_server, redact_uri, strip_credentials
+
+
+@pytest.mark.parametrize(
+    ("uri", "redacted", "stripped"),
+    [
+        ("http://user:pw@127.0.0.1:5000/p?q=1", "http://user:***@127.0.0.1:5000/p?q=1", "http://127.0.0.1:5000/p?q=1"),
+        ("https://TOKEN@mlflow.example.com", "https://***@mlflow.example.com", "https://mlflow.example.com"),
+        ("http://u:p@ss@h:1", "http://u:***@h:1", "http://h:1"),
+        ("postgresql://mlflow:pg-pw@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow",
+         "postgresql://db:5432/mlflow"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("sqlite:///abs/mlflow.db", "sqlite:///abs/mlflow.db", "sqlite:///abs/mlflow.db"),
+    ],
+)
+def test_redact_and_strip_credentials(uri: str, redacted: str, stripped: str) -> None:
+    assert redact_uri(uri) == redacted
+    assert strip_credentials(uri) == stripped
+
+
+def test_check_tracking_server_names_the_redacted_uri_quickly() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://user:secret@127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as info:
+        check_tracking_server(uri, attempts=2, timeout_s=1.0, backoff_s=0.1)
+    assert time.monotonic() - start < 5
+    msg = str(info.value)
+    assert f"http://user:***@127.0.0.1:{port}" in msg and "secret" not in msg and "2 attempts" in msg
+    check_tracking_server("sqlite:///nowhere.db")  # no server needed: returns at once
