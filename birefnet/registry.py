@@ -9,11 +9,17 @@ The champion is never replaced by a worse, equal or incomparable version except 
 --force``, and every move leaves an audit tag on both versions.
 
 Concurrency: MLflow has no compare-and-set on aliases, so the read-champion / compare / move-alias sequence runs
-under a registry-wide lock. The lock is a registered model named ``<model_name>.gate-lock``: creating a
-registered model is atomic on every backend (a unique key in SQLite/PostgreSQL, the same through a tracking
-server), so exactly one process holds it; it is deleted on release, and one older than ``lock_timeout_s`` (a
-crashed holder) is broken. The content-hash check is repeated under the lock, so two processes registering the
-same weights create one version.
+under a registry-wide gate lock (:mod:`birefnet.gate_lock`: a PostgreSQL advisory lock, a lock file, or a lease
+on a registered model renewed by a heartbeat), and the champion is read again right before the alias moves: if
+it changed since the decision, the gate decides again. The content-hash check is repeated under the lock, so two
+processes registering the same weights create one version.
+
+Crashes: the decision is written to the version (``birefnet.gate_state: pending``) before any alias moves and
+marked ``done`` after the audit tag, so a rerun that finds the version by its content hash finishes the gate
+of a version whose gate never completed.
+
+Metrics are bound to weights: ``eval.json`` records the sha256 of the model file it scored
+(``meta.model_sha256``); ``register`` refuses a model whose bytes have another hash.
 
 ``birefnet promote --version N`` and ``birefnet promote --rollback`` move the champion by hand with the same
 checks (``--force`` skips them) and the same lock.
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from birefnet.config import GATE_METRICS, Params
+from birefnet.gate_lock import GateLease, hold, open_gate_lock
 from birefnet.stages.common import StageInputError, add_params_args, run_stage
 
 log = logging.getLogger("birefnet.registry")
@@ -50,9 +57,13 @@ TAG_SHA = "birefnet.content_sha256"
 TAG_EVAL_SETS = "birefnet.eval.sets"
 TAG_HISTORY = "birefnet.champion_history"
 GATE_PREFIX = "birefnet.gate."
+#: ``pending`` once the decision is written, ``done`` once aliases, history and audit are; absent before.
+TAG_GATE_STATE = "birefnet.gate_state"
 AUDIT_PREFIX = "birefnet.audit."
 #: Decisions written to ``birefnet.gate.decision``; the first two moved ``champion``.
 PROMOTING = ("first", "promoted")
+#: How often the gate decides again when the champion moved between its decision and the alias move.
+CAS_ATTEMPTS = 5
 
 
 class RegistryError(StageInputError):
@@ -298,55 +309,64 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
-@contextlib.contextmanager
-def gate_lock(client: Any, name: str, timeout_s: float = 120.0, poll_s: float = 0.2) -> Iterator[None]:
-    """Hold the registry-wide gate lock of ``name`` (a registered model ``<name>.gate-lock``).
+@dataclass(frozen=True)
+class LockSettings:
+    """Where the gate lock lives and how long to wait for it (``register.lock_*``, ``register.lease_s``).
 
-    Args:
-        client: an ``MlflowClient`` on the registry.
-        name: the registered model whose aliases are guarded.
-        timeout_s: how long to wait for a holder; a lock older than this is a crashed holder's and is broken.
-        poll_s: the base wait between attempts (with jitter).
+    Attributes:
+        tracking_uri: the tracking URI in use (the lock is derived from it when ``lock_uri`` is empty).
+        lock_uri: ``postgresql://...``, a lock file, ``mlflow`` or empty (see
+            :func:`birefnet.gate_lock.open_gate_lock`).
+        timeout_s: the longest wait for another holder.
+        lease_s: how long a holder may go without a heartbeat before its lease is stale.
+        base: the folder a relative lock file is resolved against.
+    """
+
+    tracking_uri: str
+    lock_uri: str = ""
+    timeout_s: float = 120.0
+    lease_s: float = 30.0
+    base: Path | None = None
+
+    @classmethod
+    def from_params(cls, params: Params, tracking_uri: str, base: Path | None = None) -> LockSettings:
+        """The settings of ``params.register`` for ``tracking_uri``."""
+        rp = params.register
+        return cls(tracking_uri, rp.lock_uri, rp.lock_timeout_s, rp.lease_s, base)
+
+
+@contextlib.contextmanager
+def gate_lock(client: Any, name: str, settings: LockSettings) -> Iterator[GateLease]:
+    """Hold the gate lock of ``name`` (renewed by a heartbeat thread) for the block; yield the lease.
 
     Raises:
-        RegistryError: the lock stayed held (and fresh) for ``timeout_s``.
+        GateLockError: another holder kept it for ``settings.timeout_s`` (exit code 3).
     """
-    from mlflow.exceptions import MlflowException
+    owner = f"{_actor()}:{random.getrandbits(32):08x}"
+    lock = open_gate_lock(settings.lock_uri, settings.tracking_uri, client, name, owner, settings.lease_s,
+                          settings.base)
+    with hold(lock, settings.timeout_s, settings.lease_s) as lease:
+        log.debug("%s held by %s", lock.describe(), owner)
+        yield lease
 
-    lock = f"{name}.gate-lock"
-    holder = f"{_actor()}:{random.getrandbits(32):08x}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(lock, tags={"holder": holder, "acquired_at": f"{time.time():.3f}"},
-                                           description=f"promotion-gate lock of {name} (deleted on release)")
-            break
-        except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            current = client.get_registered_model(lock)
-        except MlflowException:
-            continue  # released between our attempts
-        tags = current.tags or {}
-        age = time.time() - float(tags.get("acquired_at", "0") or 0)
-        if age > timeout_s:
-            log.warning("breaking stale gate lock %s held by %s for %.0f s", lock, tags.get("holder"), age)
-            with contextlib.suppress(MlflowException):
-                if (client.get_registered_model(lock).tags or {}).get("holder") == tags.get("holder"):
-                    client.delete_registered_model(lock)
-            continue
-        if time.monotonic() > deadline:
-            raise RegistryError(f"gate lock {lock} is held by {tags.get('holder')} ({age:.0f} s); another "
-                                f"registration or promotion of {name} is running: retry later")
-        time.sleep(poll_s * (0.5 + random.random()))
-    try:
-        yield
-    finally:
-        try:
-            client.delete_registered_model(lock)
-        except MlflowException as exc:
-            log.warning("could not release gate lock %s: %s", lock, exc)
+
+def _test_hook(point: str) -> None:
+    """Crash (``BIREFNET_TEST_CRASH_AT=point``) or pause (``BIREFNET_TEST_PAUSE_AT=point:seconds``) for tests."""
+    if os.environ.get("BIREFNET_TEST_CRASH_AT") == point:
+        os._exit(137)
+    where, _, seconds = os.environ.get("BIREFNET_TEST_PAUSE_AT", "").partition(":")
+    if where == point:
+        time.sleep(float(seconds or 1))
+
+
+def _move_champion(client: Any, name: str, expected: str | None, target: str, lease: GateLease) -> bool:
+    """Compare-and-set: move ``champion`` to ``target`` only if it is still ``expected``; False if it moved."""
+    lease.ensure_held()
+    champion = get_alias(client, name, CHAMPION)
+    if (str(champion.version) if champion else None) != expected:
+        return False
+    client.set_registered_model_alias(name, CHAMPION, target)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -398,8 +418,11 @@ def example_image(size: int = 64) -> Any:
     return image.astype(np.uint8)[None]
 
 
-def log_pyfunc_model(model_path: Path, size: Sequence[int]) -> Any:
+def log_pyfunc_model(model_path: Path, size: Sequence[int], max_image_pixels: int | None = None) -> Any:
     """Log the safetensors model as a pickle-free pyfunc (models from code) in the active run.
+
+    ``max_image_pixels`` (``serving.max_image_pixels``) goes into the model config: the served model refuses
+    bigger request images (the serving module's default without it).
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/m-<id>``).
@@ -422,7 +445,8 @@ def log_pyfunc_model(model_path: Path, size: Sequence[int]) -> Any:
             python_model=str(code / "pyfunc_model.py"),
             artifacts={WEIGHTS_ARTIFACT: str(model_path)},
             code_paths=[str(code)],
-            model_config={"size": [int(v) for v in size], "batch_size": 4},
+            model_config={"size": [int(v) for v in size], "batch_size": 4,
+                          **({"max_image_pixels": int(max_image_pixels)} if max_image_pixels else {})},
             signature=signature,
             input_example=example_image(),
             pip_requirements=pip_requirements(),
@@ -491,23 +515,117 @@ def _version_aliases(client: Any, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases or [])
 
 
+def gate_done(tags: Mapping[str, str]) -> bool:
+    """Whether a version's gate completed (state ``done``, or a decision from before the state tag existed)."""
+    state = tags.get(TAG_GATE_STATE)
+    return state == "done" or (state is None and bool(tags.get(GATE_PREFIX + "decision")))
+
+
+def _record_move(client: Any, name: str, version: str, decision: GateDecision, run_id: str | None) -> None:
+    """Champion history and audit tag of a gate promotion (idempotent: a rerun after a crash adds what is missing)."""
+    history = _champion_history(client, name)
+    if not history or history[-1] != version:
+        _set_champion_history(client, name, [*history, version])
+    tags = client.get_model_version(name, version).tags or {}
+    for key, value in tags.items():
+        if key.startswith(AUDIT_PREFIX):
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(value)
+                if record.get("action") == "gate" and record.get("to_version") == version:
+                    return
+    _audit(client, name, [version, decision.champion_version],
+           {"action": "gate", "from_version": decision.champion_version, "to_version": version,
+            "decision": decision.decision, "forced": False, "reason": decision.reason, "run_id": run_id})
+
+
 def _gate_and_move(client: Any, name: str, version: str, metrics: Mapping[str, Mapping[str, float]],
-                   metric: str, min_delta: float, sets: Sequence[str], run_id: str | None) -> GateDecision:
-    """Under the gate lock: compare ``version`` with the champion, move aliases, write tags and audit."""
-    champion = get_alias(client, name, CHAMPION)
-    decision = gate(metrics, _version_metrics(champion) if champion else None,
-                    str(champion.version) if champion else None, metric, min_delta, sets)
-    for key, value in decision.to_tags().items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+                   metric: str, min_delta: float, sets: Sequence[str], run_id: str | None,
+                   lease: GateLease) -> GateDecision:
+    """Under the gate lock: decide, move the aliases (compare-and-set on the champion), record history and audit.
+
+    The decision is tagged (state ``pending``) before any alias moves and the state set to ``done`` last, so a
+    rerun finishes a gate an interrupted run left: a pending decision still stands while the champion it was
+    taken against is champion (or the interrupted run already moved the champion to ``version``).
+
+    Raises:
+        RegistryError: the champion kept moving under the decision ``CAS_ATTEMPTS`` times.
+        GateLockError: the lease was lost before an alias moved.
+    """
+    tags = client.get_model_version(name, version).tags or {}
+    pending = GateDecision.from_tags(tags) if tags.get(TAG_GATE_STATE) == "pending" else None
+    for _ in range(CAS_ATTEMPTS):
+        champion = get_alias(client, name, CHAMPION)
+        current = str(champion.version) if champion else None
+        if pending is not None and current in (pending.champion_version, version):
+            decision = pending
+        else:
+            decision = gate(metrics, _version_metrics(champion) if champion else None, current, metric, min_delta,
+                            sets)
+            for key, value in {**decision.to_tags(), TAG_GATE_STATE: "pending"}.items():
+                client.set_model_version_tag(name, version, key, value)
+            pending = decision
+        _test_hook("gate_decided")
+        lease.ensure_held()
+        if decision.promote and current != version and not _move_champion(client, name, current, version, lease):
+            log.warning("%s: champion moved away from v%s while v%s was gated: deciding again", name, current, version)
+            pending = None
+            continue
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        break
+    else:
+        raise RegistryError(f"{name}: the champion moved {CAS_ATTEMPTS} times while v{version} was gated (someone "
+                            "moves it without the gate lock?); rerun the register stage to finish the gate")
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        history = _champion_history(client, name)
-        _set_champion_history(client, name, [*history, str(version)])
-        _audit(client, name, [str(version), decision.champion_version],
-               {"action": "gate", "from_version": decision.champion_version, "to_version": str(version),
-                "decision": decision.decision, "forced": False, "reason": decision.reason, "run_id": run_id})
+        _test_hook("champion_moved")
+        _record_move(client, name, version, decision, run_id)
+    client.set_model_version_tag(name, version, TAG_GATE_STATE, "done")
     return decision
+
+
+def _eval_binding(eval_doc: Mapping[str, Any], model_path: Path, eval_path: Path) -> None:
+    """Refuse metrics that were not computed on these weights (``meta.model_sha256`` against the model's bytes).
+
+    Raises:
+        RegistryError: the key is missing, or names another file's hash (both hashes and both files named).
+    """
+    meta = eval_doc.get("meta")
+    recorded = meta.get("model_sha256") if isinstance(meta, Mapping) else None
+    if not recorded:
+        raise RegistryError(f"{eval_path}: no meta.model_sha256 (the sha256 of the model it scored), so its metrics "
+                            f"cannot be bound to {model_path}: rerun `dvc repro evaluate` (or birefnet evaluate)")
+    actual = sha256_file(model_path)
+    if str(recorded).lower() != actual:
+        raise RegistryError(f"{eval_path} scored a model with sha256 {recorded} (meta.model_sha256), but {model_path} "
+                            f"has sha256 {actual}: the metrics are not those of this model; rerun `dvc repro "
+                            "evaluate`")
+
+
+def _read_inputs(params: Params, base: Path) -> tuple[Path, Path, dict[str, dict[str, float]], list[str]]:
+    """The model and eval paths, the per-set metrics and the test sets, checked.
+
+    Raises:
+        StageInputError: a missing or invalid file, metrics missing a test set, or metrics of other weights.
+    """
+    rp = params.register
+    model_path, eval_path = base / rp.model, base / rp.metrics
+    if not model_path.is_file():
+        raise StageInputError(f"model {rp.model} not found: run the train stage first (birefnet train)")
+    if not eval_path.is_file():
+        raise StageInputError(f"metrics {rp.metrics} not found: run the evaluate stage first (birefnet evaluate)")
+    try:
+        eval_doc = json.loads(eval_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise StageInputError(f"{rp.metrics}: not valid JSON ({exc})") from exc
+    if not isinstance(eval_doc, Mapping):
+        raise StageInputError(f"{rp.metrics}: expected a JSON object (the evaluate stage's eval.json)")
+    metrics = set_metrics(eval_doc)
+    sets = list(params.data.test_sets)
+    missing = [s for s in sets if rp.primary_metric not in metrics.get(s, {})]
+    if missing:
+        raise StageInputError(f"{rp.metrics} has no {rp.primary_metric} for test set(s) {missing} of data.test_sets "
+                              f"{sets}: re-run the evaluate stage")
+    _eval_binding(eval_doc, model_path, eval_path)
+    return model_path, eval_path, metrics, sets
 
 
 def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
@@ -516,14 +634,14 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
     One MLflow run per call (tag ``birefnet.stage: register``) carries the flattened params, the per-set
     metrics, the data version (shard index digests and dvc.lock hashes as inputs), the evaluation report and
     the decision. Unchanged weights (same sha256) reuse their version: nothing is logged as a model and no
-    alias moves.
+    alias moves, unless that version's gate never completed (a crashed run): then the gate is finished.
 
     Args:
         params: the pipeline params (``register``, ``tracking``, ``data.test_sets``, ``data.size``).
         base: the folder relative paths are resolved against (default: the working directory).
 
     Raises:
-        StageInputError: a missing model or eval file, or metrics missing a test set.
+        StageInputError: a missing model or eval file, metrics missing a test set, or metrics of other weights.
         RegistryError: the tracking server is unreachable, refuses the credentials, or the lock stays held.
     """
     import mlflow
@@ -539,21 +657,7 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     base = Path(base or Path.cwd())
     rp = params.register
-    model_path, eval_path = base / rp.model, base / rp.metrics
-    if not model_path.is_file():
-        raise StageInputError(f"model {rp.model} not found: run the train stage first (birefnet train)")
-    if not eval_path.is_file():
-        raise StageInputError(f"metrics {rp.metrics} not found: run the evaluate stage first (birefnet evaluate)")
-    try:
-        eval_doc = json.loads(eval_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise StageInputError(f"{rp.metrics}: not valid JSON ({exc})") from exc
-    metrics = set_metrics(eval_doc)
-    sets = list(params.data.test_sets)
-    missing = [s for s in sets if rp.primary_metric not in metrics.get(s, {})]
-    if missing:
-        raise StageInputError(f"{rp.metrics} has no {rp.primary_metric} for test set(s) {missing} of data.test_sets "
-                              f"{sets}: re-run the evaluate stage")
+    model_path, eval_path, metrics, sets = _read_inputs(params, base)
     sha = model_content_hash(model_path)
     eval_sha = sha256_file(eval_path)
     uri = resolve_tracking_uri(params.tracking, base)
@@ -586,8 +690,9 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
         run_id = run.info.run_id
         status = "FAILED"
         try:
-            record = _register_in_run(client, params, base, name, run_id, sha, eval_sha, metrics, sets, model_path,
-                                      eval_path, commit, digest, train_summary)
+            job = _Job(client, params, base, name, run_id, sha, eval_sha, metrics, sets, model_path, eval_path,
+                       LockSettings.from_params(params, uri, base))
+            record = _register_in_run(job, commit, digest, train_summary)
             record.update({"tracking_uri": redact_uri(uri), "run_id": run_id,
                            "seconds": round(time.perf_counter() - start, 2)})
             out = base / rp.out
@@ -604,64 +709,117 @@ def register(params: Params, base: str | Path | None = None) -> dict[str, Any]:
     return record
 
 
-def _register_in_run(client: Any, params: Params, base: Path, name: str, run_id: str, sha: str, eval_sha: str,
-                     metrics: Mapping[str, Mapping[str, float]], sets: list[str], model_path: Path, eval_path: Path,
-                     commit: str, digest: str, train_summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The body of :func:`register` inside the active run: log, register (or reuse), gate, record."""
+@dataclass(frozen=True)
+class _Job:
+    """What one register call works on (passed between its steps)."""
+
+    client: Any
+    params: Params
+    base: Path
+    name: str
+    run_id: str
+    sha: str
+    eval_sha: str
+    metrics: Mapping[str, Mapping[str, float]]
+    sets: list[str]
+    model_path: Path
+    eval_path: Path
+    lock: LockSettings
+
+
+def _log_run_inputs(job: _Job) -> dict[str, str]:
+    """Params, metrics, data version and the evaluation files into the active run; return the data tags."""
     import mlflow
     from mlflow.entities import Metric, Param
 
     from birefnet.config import params_to_dict
-    from birefnet.tracking import flatten
+    from birefnet.tracking import flatten, redact_uri
 
-    rp = params.register
-    items = list(flatten("", params_to_dict(params)).items())
+    params, base, rp = job.params, job.base, job.params.register
+    flat = flatten("", params_to_dict(params))
+    if flat.get("register.lock_uri"):
+        flat["register.lock_uri"] = redact_uri(flat["register.lock_uri"])
+    items = list(flat.items())
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        job.client.log_batch(job.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
     now = int(time.time() * 1000)
-    metric_list = [Metric(f"{s}.{m}", v, now, 0) for s, values in metrics.items() for m, v in values.items()]
-    metric_list.append(Metric(f"gate.{rp.primary_metric}", primary_score(metrics, rp.primary_metric, sets), now, 0))
+    metric_list = [Metric(f"{s}.{m}", v, now, 0) for s, values in job.metrics.items() for m, v in values.items()]
+    metric_list.append(Metric(f"gate.{rp.primary_metric}", primary_score(job.metrics, rp.primary_metric, job.sets),
+                              now, 0))
     for i in range(0, len(metric_list), 500):
-        client.log_batch(run_id, metrics=metric_list[i:i + 500])
+        job.client.log_batch(job.run_id, metrics=metric_list[i:i + 500])
     datasets, data_tags = _data_inputs(params, base)
     for dataset, context in datasets:
         mlflow.log_input(dataset, context=context)
     mlflow.set_tags(data_tags)
-    mlflow.log_artifact(str(eval_path), "evaluation")
+    mlflow.log_artifact(str(job.eval_path), "evaluation")
     plots = base / params.evaluate.plots / "png"
     if plots.is_dir():
         mlflow.log_artifacts(str(plots), "evaluation/plots")
     lock_file = base / "dvc.lock"
     if lock_file.is_file():
         mlflow.log_artifact(str(lock_file), "data")
+    return data_tags
 
+
+def _log_model(job: _Job) -> str:
+    """Log the model of ``job`` with its serving limits; return its ``models:/m-<id>`` URI."""
+    return log_pyfunc_model(job.model_path, job.params.data.size, job.params.serving.max_image_pixels).model_uri
+
+
+def _create_or_finish(job: _Job, model_uri: str | None, version_tags: Mapping[str, str],
+                      ) -> tuple[str, bool, GateDecision | None]:
+    """Under the gate lock: register a new version and gate it, or finish the gate of an existing version.
+
+    Returns:
+        (version, created, decision); the decision is None when the existing version's gate had completed.
+    """
+    import mlflow
+
+    client, name, rp = job.client, job.name, job.params.register
+    with gate_lock(client, name, job.lock) as lease:
+        existing = find_version_by_sha(client, name, job.sha)
+        if existing is None and model_uri is None:  # the version found before the lock was deleted meanwhile
+            model_uri = _log_model(job)
+        if existing is not None and gate_done(existing.tags or {}):
+            return str(existing.version), False, None
+        created = existing is None
+        if created:
+            version = mlflow.register_model(model_uri, name, tags=dict(version_tags),
+                                            await_registration_for=rp.await_registration_s)
+            version_id = str(version.version)
+            _test_hook("after_version_created")
+        else:
+            version_id = str(existing.version)
+            log.warning("%s v%s has no completed gate (an interrupted register run): finishing it", name, version_id)
+        decision = _gate_and_move(client, name, version_id, job.metrics, rp.primary_metric, rp.min_delta, job.sets,
+                                  job.run_id, lease)
+    return version_id, created, decision
+
+
+def _register_in_run(job: _Job, commit: str, digest: str, train_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The body of :func:`register` inside the active run: log, register (or reuse), gate, record."""
+    import mlflow
+
+    client, name, sha, eval_sha = job.client, job.name, job.sha, job.eval_sha
+    data_tags = _log_run_inputs(job)
     existing = find_version_by_sha(client, name, sha)
     model_uri = None
     if existing is None:
-        model_uri = log_pyfunc_model(model_path, params.data.size).model_uri
-    eval_tag = json.dumps({s: {m: round(v, 6) for m, v in metrics[s].items()} for s in sorted(metrics)},
+        model_uri = _log_model(job)
+    eval_tag = json.dumps({s: {m: round(v, 6) for m, v in job.metrics[s].items()} for s in sorted(job.metrics)},
                           separators=(",", ":"), sort_keys=True)
     version_tags = {TAG_SHA: sha, TAG_EVAL_SETS: eval_tag, "birefnet.eval_sha256": eval_sha,
-                    "birefnet.register_run_id": run_id, "birefnet.git_commit": commit,
+                    "birefnet.register_run_id": job.run_id, "birefnet.git_commit": commit,
                     "birefnet.data_digest": digest, **data_tags}
     if train_summary.get("mlflow_run_id"):
         version_tags["birefnet.train_run_id"] = str(train_summary["mlflow_run_id"])
-    created = False
-    decision: GateDecision | None = None
-    with gate_lock(client, name, rp.lock_timeout_s):
-        existing = existing or find_version_by_sha(client, name, sha)
-        if existing is None:
-            version = mlflow.register_model(model_uri, name, tags=version_tags)
-            created = True
-            version_id = str(version.version)
-            decision = _gate_and_move(client, name, version_id, metrics, rp.primary_metric, rp.min_delta, sets,
-                                      run_id)
-        else:
-            version_id = str(existing.version)
-    if created:
-        assert decision is not None
+    version_id, created, decision = _create_or_finish(job, model_uri, version_tags)
+    if decision is not None:
         gate_record = decision.to_dict()
-        log.info("registered %s v%s: %s", name, version_id, decision.reason)
+        if not created:
+            gate_record["note"] = f"finished the gate of {name} v{version_id}, left incomplete by an interrupted run"
+        log.info("%s %s v%s: %s", "registered" if created else "gated", name, version_id, decision.reason)
     else:
         tags = client.get_model_version(name, version_id).tags or {}
         gate_record = GateDecision.from_tags(tags).to_dict()
@@ -724,8 +882,11 @@ def _explain(exc: BaseException, uri: str) -> RegistryError:
 
 def promote(client: Any, name: str, *, version: str | None = None, rollback: bool = False, force: bool = False,
             reason: str = "", metric: str = "Sm", min_delta: float = 0.0, sets: Sequence[str] = (),
-            lock_timeout_s: float = 120.0) -> dict[str, Any]:
+            lock: LockSettings) -> dict[str, Any]:
     """Move ``champion`` by hand, under the gate lock, leaving an audit tag on both versions.
+
+    The champion is read again right before the alias moves (compare-and-set); if it moved meanwhile (a change
+    made without the gate lock), nothing moves and the command is refused.
 
     Checks (all skipped by ``force`` except that the version exists):
 
@@ -738,13 +899,15 @@ def promote(client: Any, name: str, *, version: str | None = None, rollback: boo
         ``{"action", "from_version", "to_version", "forced", "scores", "audit_tag"}``.
 
     Raises:
-        RegistryError: a check failed, the version does not exist, or there is nothing to roll back to.
+        RegistryError: a check failed, the version does not exist, there is nothing to roll back to, or the
+            champion moved meanwhile.
+        GateLockError: the gate lock stayed held by another command.
     """
     from mlflow.exceptions import MlflowException
 
     if (version is None) == (not rollback):
         raise ValueError("give exactly one of version or rollback")
-    with gate_lock(client, name, lock_timeout_s):
+    with gate_lock(client, name, lock) as lease:
         champion = get_alias(client, name, CHAMPION)
         current = str(champion.version) if champion else None
         history = _champion_history(client, name) if champion or rollback else []
@@ -794,7 +957,9 @@ def promote(client: Any, name: str, *, version: str | None = None, rollback: boo
                                         "(the audit tag records it)")
                 checks.append("gate")
         action = "rollback" if rollback else "promote"
-        client.set_registered_model_alias(name, CHAMPION, target)
+        if not _move_champion(client, name, current, target, lease):
+            raise RegistryError(f"{name}: the champion moved away from v{current} while this command checked "
+                                f"v{target}; nothing changed: run it again")
         _set_champion_history(client, name, trail)
         audit_tag = _audit(client, name, [target, current],
                            {"action": action, "from_version": current, "to_version": target, "forced": force,
@@ -821,7 +986,7 @@ def _promote(params: Params, args: argparse.Namespace) -> None:
         try:
             result = promote(_client(uri), rp.model_name, version=args.version, rollback=args.rollback,
                              force=args.force, reason=args.reason, metric=rp.primary_metric, min_delta=rp.min_delta,
-                             sets=params.data.test_sets, lock_timeout_s=rp.lock_timeout_s)
+                             sets=params.data.test_sets, lock=LockSettings.from_params(params, uri))
         except MlflowException as exc:
             raise _explain(exc, uri) from None
     print(json.dumps(result, indent=2, sort_keys=True))

@@ -76,7 +76,16 @@ def ensure_experiment(tracking: TrackingParams, base: str | Path | None = None) 
         remote = uri.startswith(("http://", "https://", "databricks"))
         location = None if remote and "://" not in tracking.artifact_location else \
             resolve_artifact_location(tracking, base)
-        exp_id = client.create_experiment(tracking.experiment, artifact_location=location)
+        try:
+            exp_id = client.create_experiment(tracking.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as exc:
+            # several first runs against a fresh store race to create it: the losers use the winner's
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(tracking.experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     return uri, exp_id

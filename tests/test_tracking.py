@@ -39,3 +39,25 @@ def test_check_tracking_server_names_the_redacted_uri_quickly() -> None:
     msg = str(info.value)
     assert f"http://user:***@127.0.0.1:{port}" in msg and "secret" not in msg and "2 attempts" in msg
     check_tracking_server("sqlite:///nowhere.db")  # no server needed: returns at once
+
+
+def test_ensure_experiment_survives_losing_the_creation_race(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another first run created the experiment between our look-up and our create: we use theirs."""
+    import mlflow
+
+    from birefnet.config import TrackingParams
+    from birefnet.tracking import ensure_experiment
+
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "art"),
+                              experiment="raced")
+    winner = mlflow.MlflowClient(tracking.uri).create_experiment("raced")
+    real = mlflow.MlflowClient.get_experiment_by_name
+    calls = []
+
+    def stale_first_lookup(self, name):  # noqa: ANN001, ANN202 - the look-up that ran before the winner's create
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", stale_first_lookup)
+    uri, experiment_id = ensure_experiment(tracking)
+    assert experiment_id == winner and len(calls) == 2

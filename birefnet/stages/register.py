@@ -5,6 +5,8 @@ Reads ``register.model`` (the train stage's safetensors), ``register.metrics`` (
 ``data.test_sets``, ``data.size``; logs one MLflow run, registers a version of ``register.model_name`` (reused
 when the weights are unchanged), sets ``challenger`` and moves ``champion`` when the gate passes, and writes
 ``register.out`` (``registry/registered.json``: version, aliases, both scores, decision and reason).
+Refuses (exit 3) an ``eval.json`` whose ``meta.model_sha256`` is not the sha256 of ``register.model``. The gate
+runs under ``register.lock_uri`` (see :mod:`birefnet.gate_lock`); a rerun finishes a gate a crash interrupted.
 See :mod:`birefnet.registry`.
 """
 

@@ -7,6 +7,7 @@ fresh database there, dropped at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -48,24 +49,31 @@ def write_model(tiny_model: Path, dst: Path, variant: str) -> Path:
     return dst
 
 
-def write_eval(path: Path, sm: float, mae: float = 0.05, sets: tuple[str, ...] = TEST_SETS) -> Path:
-    """An ``eval.json`` in the evaluate stage's schema with the same scores on every set."""
+def write_eval(path: Path, sm: float, mae: float = 0.05, sets: tuple[str, ...] = TEST_SETS,
+               model: Path | None = None) -> Path:
+    """An ``eval.json`` in the evaluate stage's schema with the same scores on every set.
+
+    ``model`` is the file it "scored": its sha256 goes into ``meta.model_sha256`` (the register stage checks it).
+    """
     metrics = {"n": 4, "Sm": sm, "maxF": sm, "meanF": sm, "adpF": sm, "wF": sm, "maxE": sm, "meanE": sm,
                "adpE": sm, "MAE": mae, "HCE": 10.0}
-    doc = {"sets": {s: dict(metrics) for s in sets}, "mean": {**metrics, "sets": list(sets)}, "meta": {}}
+    meta = {"model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()} if model is not None else {}
+    doc = {"sets": {s: dict(metrics) for s in sets}, "mean": {**metrics, "sets": list(sets)}, "meta": meta}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path
 
 
-def make_params(name: str, min_delta: float = 0.001, metric: str = "Sm", uri: str = "sqlite:///mlflow.db"):  # noqa: ANN201
-    """Pipeline params for a registry test workspace (relative paths resolve against it)."""
+def make_params(name: str, min_delta: float = 0.001, metric: str = "Sm", uri: str = "sqlite:///mlflow.db",  # noqa: ANN201
+                **register: object):
+    """Pipeline params for a registry test workspace (relative paths resolve against it); ``register`` overrides
+    other ``register.*`` fields (``lock_uri``, ``lease_s``, ...)."""
     from birefnet.config import DataParams, Params, RegisterParams, TrackingParams
 
     return Params(data=DataParams(test_sets=list(TEST_SETS), size=(64, 64)),
                   tracking=TrackingParams(uri=uri, experiment="birefnet-registry-tests"),
                   register=RegisterParams(model_name=name, min_delta=min_delta, primary_metric=metric,
-                                          lock_timeout_s=60))
+                                          **{"lock_timeout_s": 60, **register}))
 
 
 def write_params_yaml(path: Path, params) -> Path:  # noqa: ANN001
@@ -79,8 +87,8 @@ def write_params_yaml(path: Path, params) -> Path:  # noqa: ANN001
 def workspace(root: Path, tiny_model: Path, variant: str, sm: float, mae: float = 0.05) -> Path:
     """A folder with ``models/model.safetensors`` (content ``variant``) and ``metrics/eval.json``."""
     root.mkdir(parents=True, exist_ok=True)
-    write_model(tiny_model, root / "models" / "model.safetensors", variant)
-    write_eval(root / "metrics" / "eval.json", sm, mae)
+    model = write_model(tiny_model, root / "models" / "model.safetensors", variant)
+    write_eval(root / "metrics" / "eval.json", sm, mae, model=model)
     return root
 
 

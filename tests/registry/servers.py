@@ -60,6 +60,8 @@ class Server:
     url: str
     log: Path
     backend: str = ""
+    #: the full backend store URI (with credentials): tests that lock on the same database need it
+    backend_uri: str = ""
     startup_s: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -113,4 +115,5 @@ def start_mlflow_server(backend_uri: str, root: Path, env: dict[str, str] | None
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     server = start_process(args, f"http://127.0.0.1:{port}", "/health", root / "server.log", env=env, cwd=root)
     server.backend = backend_uri.split(":", 1)[0]
+    server.backend_uri = backend_uri
     return server

@@ -38,9 +38,11 @@ def test_register_embedded_sqlite(tmp_path: Path, tiny_model: Path, monkeypatch:
     """First model -> champion; the same weights again -> no new version; a worse one -> challenger only."""
     import mlflow
 
+    from birefnet.config import ServingParams
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     name = unique_name()
-    params = make_params(name)
+    params = make_params(name).model_copy(update={"serving": ServingParams(max_image_pixels=1_234_567)})
     ws = workspace(tmp_path / "ws", tiny_model, "a", sm=0.70)
     index = ws / "data" / "shards" / "test" / "index.json"
     index.parent.mkdir(parents=True)
@@ -63,6 +65,8 @@ def test_register_embedded_sqlite(tmp_path: Path, tiny_model: Path, monkeypatch:
     assert version.tags["birefnet.gate.reason"].startswith("no champion yet")
     assert any(k.startswith("birefnet.audit.") for k in version.tags)
     assert json.loads(client.get_registered_model(name).tags[TAG_HISTORY]) == ["1"]
+    config = mlflow.models.get_model_info(f"models:/{name}/1").flavors["python_function"]["config"]
+    assert config["max_image_pixels"] == 1_234_567  # serving.max_image_pixels travels with the model
     run = client.get_run(first["run_id"])
     assert run.data.tags["birefnet.stage"] == "register"
     assert run.data.metrics["DIS-TE1.Sm"] == pytest.approx(0.70)
@@ -160,6 +164,6 @@ def test_missing_metrics_set_is_an_input_error(tmp_path: Path, tiny_model: Path,
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = workspace(tmp_path / "ws", tiny_model, "m", sm=0.5)
-    write_eval(ws / "metrics" / "eval.json", 0.5, sets=("DIS-TE1",))
+    write_eval(ws / "metrics" / "eval.json", 0.5, sets=("DIS-TE1",), model=ws / "models" / "model.safetensors")
     with pytest.raises(StageInputError, match="DIS-TE2"):
         registry.register(make_params(unique_name()), base=ws)
