@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             if count:
                 torch.set_num_threads(count)
 
-            def run(fused: bool) -> None:
+            def run(fused: bool, model=model, image=image) -> None:  # noqa: ANN001 - bound per size
                 model.set_fused_attention(fused)
                 step(model, image)
 

@@ -606,8 +606,12 @@ def _read_inputs(params: Params, base: Path) -> tuple[Path, Path, dict[str, dict
     Raises:
         StageInputError: a missing or invalid file, metrics missing a test set, or metrics of other weights.
     """
+    from birefnet.publish import finish_pending
+
     rp = params.register
     model_path, eval_path = base / rp.model, base / rp.metrics
+    for folder in dict.fromkeys((model_path.parent, eval_path.parent)):
+        finish_pending(folder)  # a train or evaluate run killed after its commit point left its outputs half-swapped
     if not model_path.is_file():
         raise StageInputError(f"model {rp.model} not found: run the train stage first (birefnet train)")
     if not eval_path.is_file():

@@ -202,18 +202,24 @@ def assign_class_ids(records: list[dict[str, Any]]) -> list[str]:
     return classes
 
 
+OUTPUT_NAMES = ("classes.json", "quarantine.json", "manifest.jsonl")
+"""The stage's outputs in ``data.prepared``, in publication order: the manifest (readers' entry point) last."""
+
+
+def output_paths(out_dir: Path) -> list[Path]:
+    """The ingest outputs under ``out_dir``, in publication order (see :data:`OUTPUT_NAMES`)."""
+    return [Path(out_dir) / name for name in OUTPUT_NAMES]
+
+
 def write_outputs(out_dir: Path, result: IngestResult, root: Path) -> None:
-    """Write ``manifest.jsonl``, ``classes.json`` and ``quarantine.json`` atomically into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``manifest.jsonl``, ``classes.json`` and ``quarantine.json`` into ``out_dir``, all three or none.
 
-    def atomic(name: str, text: str) -> None:
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out_dir / name)
+    They are staged under temporary names and published together (:class:`birefnet.publish.OutputSet`), so a
+    killed run leaves either the previous three files or the new three, never a new manifest beside an old
+    class list.
+    """
+    from birefnet.publish import OutputSet
 
-    atomic("manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
-                                     for r in result.records))
-    atomic("classes.json", json.dumps(result.classes, ensure_ascii=False, indent=1) + "\n")
     counts: dict[str, dict[str, int]] = {}
     for r in result.records:
         counts.setdefault(r["set"], {"accepted": 0, "rejected": 0})["accepted"] += 1
@@ -228,4 +234,12 @@ def write_outputs(out_dir: Path, result: IngestResult, root: Path) -> None:
         "ignored_sets": result.ignored_sets,
         "ignored_files": result.ignored_files,
     }
-    atomic("quarantine.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+    texts = {
+        "manifest.jsonl": "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in result.records),
+        "classes.json": json.dumps(result.classes, ensure_ascii=False, indent=1) + "\n",
+        "quarantine.json": json.dumps(report, ensure_ascii=False, indent=1) + "\n",
+    }
+    targets = output_paths(out_dir)
+    with OutputSet("ingest", targets) as outputs:
+        for target in targets:
+            outputs.staged(target).write_text(texts[target.name], encoding="utf-8")

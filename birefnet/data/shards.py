@@ -368,13 +368,72 @@ class EncodeOptions:
 
 @dataclass(frozen=True)
 class SampleTask:
-    """One manifest entry to pack: the entry, its index in its set, the gradient file and whether to keep the
-    full-resolution mask."""
+    """One manifest entry to pack: the entry, its index in its set, the gradient file (and the sha256 the
+    gradients stage recorded for it, when known) and whether to keep the full-resolution mask."""
 
     entry: dict[str, Any]
     index: int
     gradient_path: str | None
     original_mask: bool
+    gradient_sha256: str | None = None
+
+
+def read_gradient_label(path: str | Path, size: tuple[int, int] | None, *, expected_sha256: str | None = None,
+                        where: str = "") -> bytes:
+    """Read a precomputed gradient label, check it completely, and return its bytes (packed as they are).
+
+    The file is read once; its sha256 is compared with ``expected_sha256`` (the gradients stage's record) when
+    given, and the bytes are decoded in full, so a truncated or corrupt PNG with an intact header is refused.
+
+    Args:
+        path: the ``<gradients.out>/<set>/<key>.png`` file.
+        size: the (width, height) it must have (the training size), or None.
+        expected_sha256: the hex digest the gradients stage recorded for it, or None.
+        where: prefix of error messages (the sample).
+
+    Returns:
+        The PNG bytes.
+
+    Raises:
+        SampleError: unreadable, hash mismatch, not a 16-bit gray PNG, truncated/corrupt, or of the wrong size.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        data = Path(path).read_bytes()
+        width, height, depth, colour = png_header(data)
+    except (OSError, ValueError) as exc:
+        raise SampleError(f"{prefix}gradient label {path}: {exc} (run `birefnet gradients`)") from None
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise SampleError(f"{prefix}gradient label {path}: sha256 mismatch: expected {expected_sha256} "
+                              f"(gradients index), actual {actual}; the file changed after `birefnet gradients` "
+                              "wrote it: rerun it")
+    if depth != 16 or colour != 0:
+        raise SampleError(f"{prefix}gradient label {path} must be a 16-bit gray PNG, got bit depth {depth}, colour "
+                          f"type {colour}")
+    if size is not None and (width, height) != tuple(size):
+        raise SampleError(f"{prefix}gradient label {path} is {width}x{height}, expected the training size "
+                          f"{size[0]}x{size[1]} (data.size); rerun `birefnet gradients`")
+    decoded = _decode_png_fully(data)
+    if decoded is None or decoded.dtype != np.uint16 or decoded.shape != (height, width):
+        got = "nothing" if decoded is None else f"{decoded.dtype} {decoded.shape}"
+        raise SampleError(f"{prefix}gradient label {path} does not decode to its declared {width}x{height} 16-bit "
+                          f"image (got {got}): truncated or corrupt; rerun `birefnet gradients`")
+    return data
+
+
+def _decode_png_fully(data: bytes) -> np.ndarray | None:
+    """Decode every row of a PNG with Pillow, which raises on truncated or corrupt data (OpenCV may not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            array = np.asarray(img)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return array.astype(np.uint16) if array.dtype in (np.int32, np.uint16) else array
 
 
 def encode_sample(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
@@ -390,17 +449,25 @@ def encode_sample(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
         ["mask_original.png": bytes,] "json": bytes}`` in that member order.
 
     Raises:
-        SampleError: an unreadable original or gradient file, or a gradient label of the wrong size or depth.
+        SampleError: an unreadable original or gradient file, an original whose sha256 is not the manifest's,
+            or a gradient label that does not decode fully, has the wrong size or depth, or not the recorded hash.
     """
     from birefnet.data.io import ImageReadError, load_image, load_mask
 
     entry = task.entry
     where = f"set {entry['set']!r}, key {entry['key']!r}"
+    hashes = {field: entry.get(field) for field in ("image_sha256", "mask_sha256")}
+    absent = [field for field, value in hashes.items() if not isinstance(value, str) or not value]
+    if absent:
+        raise SampleError(f"{where}: the manifest entry has no {' / '.join(absent)}, so the originals cannot be "
+                          "checked against what ingest validated; rerun `birefnet ingest`")
     try:
-        image = load_image(entry["image"], options.max_pixels)
-        mask = load_mask(entry["mask"], options.max_pixels)
+        # each file is hashed while it is read and decoded from those same bytes: an original that changed after
+        # ingest fails here, naming the file and both hashes, instead of being packed under the old hash
+        image = load_image(entry["image"], options.max_pixels, expected_sha256=hashes["image_sha256"])
+        mask = load_mask(entry["mask"], options.max_pixels, expected_sha256=hashes["mask_sha256"])
     except ImageReadError as exc:
-        raise SampleError(f"{where}: {exc}") from None
+        raise SampleError(f"{where}: {exc} (rerun `birefnet ingest` if the change is intended)") from None
     if image.shape[:2] != mask.shape[:2]:
         raise SampleError(f"{where}: image {entry['image']} is {image.shape[1]}x{image.shape[0]} but mask "
                           f"{entry['mask']} is {mask.shape[1]}x{mask.shape[0]}")
@@ -415,20 +482,8 @@ def encode_sample(task: SampleTask, options: EncodeOptions) -> dict[str, Any]:
                                                            options.png_compression)
     sample["mask.png"] = encode_png(mask, options.png_compression)
     if task.gradient_path is not None:
-        try:
-            data = Path(task.gradient_path).read_bytes()
-            gw, gh, depth, colour = png_header(data)
-        except (OSError, ValueError) as exc:
-            raise SampleError(f"{where}: gradient label {task.gradient_path}: {exc} (run `birefnet gradients`)") \
-                from None
-        if depth != 16 or colour != 0:
-            raise SampleError(f"{where}: gradient label {task.gradient_path} must be a 16-bit gray PNG, got bit "
-                              f"depth {depth}, colour type {colour}")
-        if options.gradient_size is not None and (gw, gh) != tuple(options.gradient_size):
-            raise SampleError(f"{where}: gradient label {task.gradient_path} is {gw}x{gh}, expected the training "
-                              f"size {options.gradient_size[0]}x{options.gradient_size[1]} (data.size); rerun "
-                              "`birefnet gradients`")
-        sample["gradient.png"] = data
+        sample["gradient.png"] = read_gradient_label(task.gradient_path, options.gradient_size,
+                                                     expected_sha256=task.gradient_sha256, where=where)
     if original_mask_png is not None:
         sample["mask_original.png"] = original_mask_png
     meta = {

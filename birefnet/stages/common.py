@@ -73,12 +73,22 @@ MANIFEST_FIELDS = ("set", "key", "image", "mask")
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     """Records of an ingest manifest (``<data.prepared>/manifest.jsonl``), one per line.
 
+    A publication of the ingest outputs that a killed run left half done is finished first
+    (:func:`birefnet.publish.finish_pending`), so the manifest read is always one a whole ingest run wrote.
+
     Raises:
         StageInputError: missing file, or a line that is not a JSON object with the required fields.
     """
+    from birefnet.publish import PublishError, finish_pending
+
     path = Path(path)
+    try:
+        finish_pending(path.parent)
+    except PublishError as exc:
+        raise StageInputError(str(exc)) from None
     if not path.is_file():
-        raise StageInputError(f"{path}: manifest not found (run `birefnet ingest` first)")
+        raise StageInputError(f"{path}: manifest not found (run `birefnet ingest` first; a failed ingest removes "
+                              "the previous manifest)")
     records = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):

@@ -10,7 +10,7 @@ Two modes behind ``birefnet evaluate``:
   * ``evaluate.out`` (``metrics/eval.json``, DVC metrics): ``{"sets": {set: {n, Sm, maxF, meanF, adpF, wF,
     maxE, meanE, adpE, MAE, HCE}}, "mean": {...}, "meta": {...}}``, the schema of
     :mod:`birefnet.evaluation.folders`; ``mean`` is over DIS-TE1..4 when all four are evaluated, else over
-    all sets;
+    all sets; ``meta.model`` and ``meta.model_sha256`` (sha256 of the model file's bytes) name what was scored;
   * ``evaluate.plots`` (DVC plots): ``pr/<set>.csv``, ``fmeasure/<set>.csv``, ``emeasure/<set>.csv`` and
     ``png/{pr,fmeasure,emeasure}.png`` (``dvc plots show`` HTML needs a CDN; the PNGs do not);
   * ``evaluate.reports``: the ``evaluate.hard_samples`` hardest samples per set as figures (image | ground
@@ -18,6 +18,9 @@ Two modes behind ``birefnet evaluate``:
 
 * Folders: ``birefnet evaluate --pred-dir DIR --gt-dir DIR --out FILE.json`` scores existing prediction
   folders (delegated to :mod:`birefnet.evaluation.folders`).
+
+The three stage outputs (and the plot subfolders) are written under temporary names and published together
+(:func:`publish_outputs`): a killed run never leaves new metrics beside old curves or an old report.
 
 Metric values do not depend on ``evaluate.workers``: every image is scored independently and reduced in order.
 """
@@ -29,6 +32,7 @@ import csv
 import json
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,11 +44,13 @@ from typing import Any
 import numpy as np
 
 from birefnet.config import Params
+from birefnet.publish import OutputSet, PublishError, finish_pending
 from birefnet.stages.common import StageInputError, add_params_args, run_stage
 
 log = logging.getLogger("birefnet.evaluate")
 
 IMAGE_KEYS = ("Sm", "MAE", "wF", "adpF", "adpE", "HCE")
+PLOT_KINDS = ("pr", "fmeasure", "emeasure", "png")  # the evaluate.plots subfolders dvc.yaml declares
 
 
 @dataclass
@@ -233,6 +239,70 @@ def write_per_image(path: Path, evaluations: Mapping[str, SetEvaluation]) -> Non
                 writer.writerow([name, r["key"], *(f"{r[k]:.6f}" for k in keys)])
 
 
+def load_model_hashed(path: Path, device: Any) -> tuple[Any, str]:
+    """Load the model and return it with the sha256 of the file's bytes, hashed before and after loading.
+
+    Raises:
+        StageInputError: the file changed while it was being loaded (the hashes differ), or cannot be loaded.
+    """
+    import birefnet
+    from birefnet.data.io import sha256_file
+    from birefnet.models.io import ModelFileError
+
+    before = sha256_file(path)
+    try:
+        model = birefnet.load_model(path, device=device)
+    except ModelFileError as exc:
+        raise StageInputError(str(exc)) from None
+    after = sha256_file(path)
+    if after != before:
+        raise StageInputError(f"model {path} changed while it was being loaded (sha256 {before} before, {after} "
+                              "after): rerun the evaluate stage once the train stage has finished")
+    return model, before
+
+
+def output_paths(params: Params) -> list[Path]:
+    """The stage's outputs, as dvc.yaml declares them, in publication order: ``evaluate.out`` (the metrics
+    ``register`` reads) last."""
+    ep = params.evaluate
+    plots = Path(ep.plots)
+    return [Path(ep.reports), *(plots / kind for kind in PLOT_KINDS), Path(ep.out)]
+
+
+def publish_outputs(params: Params, report: Mapping[str, Any], evaluations: Mapping[str, SetEvaluation]) -> Path:
+    """Write the metrics, curves and report under temporary names, then publish them all together.
+
+    A run killed at any point leaves the previous outputs or the new ones (a killed publication is finished by
+    the next run), never a new ``eval.json`` beside old curves or an old report.
+
+    Returns:
+        The report's ``index.md`` (at its final path).
+    """
+    import shutil
+
+    from birefnet.evaluation.report import write_curves, write_report
+
+    ep = params.evaluate
+    targets = output_paths(params)
+    reports, plot_targets, metrics = targets[0], targets[1:-1], targets[-1]
+    with OutputSet("evaluate", targets) as outputs:
+        scratch = Path(ep.plots) / ".evaluate-scratch"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            write_curves(scratch, {name: e.result.curves for name, e in evaluations.items()})
+            for target in plot_targets:
+                (scratch / target.name).mkdir(parents=True, exist_ok=True)
+                os.replace(scratch / target.name, outputs.staged(target))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        staged_reports = outputs.staged(reports)
+        write_per_image(staged_reports / "per_image.csv", evaluations)
+        write_report(staged_reports, {name: e.hardest for name, e in evaluations.items()}, metric=ep.hard_by,
+                     crops=ep.crops, crop_fraction=ep.crop_fraction)
+        outputs.staged(metrics).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return reports / "index.md"
+
+
 def _device() -> Any:
     import torch
 
@@ -245,12 +315,15 @@ def run(params: Params, progress: bool = False) -> dict[str, Any]:
     Raises:
         StageInputError: a missing model file, test shards or set.
     """
-    import birefnet
     from birefnet.data.loader import eval_loader_from_params
     from birefnet.evaluation.hce import EPSILON, RELAX
-    from birefnet.evaluation.report import write_curves, write_report
 
     ep = params.evaluate
+    try:
+        # a train run killed while publishing left its new model under a temporary name: finish that first
+        finish_pending(Path(ep.model).parent)
+    except PublishError as exc:
+        raise StageInputError(str(exc)) from None
     if not Path(ep.model).is_file():
         raise StageInputError(f"model {ep.model} not found: run the train stage first (birefnet train), or set "
                               "evaluate.model")
@@ -261,7 +334,7 @@ def run(params: Params, progress: bool = False) -> dict[str, Any]:
         raise StageInputError("data.test_sets is empty: nothing to evaluate")
     start = time.perf_counter()
     device = _device()
-    model = birefnet.load_model(ep.model, device=device)
+    model, model_sha256 = load_model_hashed(Path(ep.model), device)
     loaders = {}
     for name in params.data.test_sets:
         try:
@@ -274,6 +347,8 @@ def run(params: Params, progress: bool = False) -> dict[str, Any]:
                                 progress=progress)
     meta = {
         "model": str(ep.model),
+        # sha256 of the model file's bytes that were scored: `birefnet register` refuses metrics of other weights
+        "model_sha256": model_sha256,
         "device": device.type,
         "precision": ep.precision,
         "input_size": list(params.data.size),
@@ -285,12 +360,7 @@ def run(params: Params, progress: bool = False) -> dict[str, Any]:
     }
     report = build_report(evaluations, meta)
     out = Path(ep.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_curves(ep.plots, {name: e.result.curves for name, e in evaluations.items()})
-    write_per_image(Path(ep.reports) / "per_image.csv", evaluations)
-    index = write_report(ep.reports, {name: e.hardest for name, e in evaluations.items()}, metric=ep.hard_by,
-                         crops=ep.crops, crop_fraction=ep.crop_fraction)
+    index = publish_outputs(params, report, evaluations)
     mean = report["mean"]
     log.info("mean over %s: Sm=%.4f maxF=%.4f wF=%.4f MAE=%.4f; wrote %s, %s, %s (%.0f s)",
              ", ".join(mean["sets"]), mean["Sm"], mean["maxF"], mean["wF"], mean["MAE"], out, ep.plots, index,
@@ -338,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--workers", str(args.workers)]
         forwarded += [] if args.hce else ["--no-hce"]
         forwarded += ["-q"] if args.quiet else []
+        if args.params.is_file() or args.overrides:  # data.max_image_pixels limits every file's declared size
+            forwarded += ["--params", str(args.params)] + [a for o in args.overrides for a in ("--set", o)]
         return folders.main(forwarded)
     if args.gt_dir is not None or args.out is not None:
         parser.error("--gt-dir and --out go with --pred-dir (the stage's outputs come from params: evaluate.*)")

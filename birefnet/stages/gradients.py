@@ -1,13 +1,15 @@
 """``gradients`` stage: precompute outward-reference gradient labels at the training resolution.
 
 Reads ``<data.prepared>/manifest.jsonl``, ``data.size``, ``gradients.mode``; writes
-``<gradients.out>/<set>/<key>.png`` (16-bit, see :mod:`birefnet.data.gradients`) and ``index.json``.
+``<gradients.out>/<set>/<key>.png`` (16-bit, see :mod:`birefnet.data.gradients`) and ``index.json``, whose
+``files`` maps ``<set>/<key>.png`` to the label's sha256 and its image's (the shard stage checks both).
 With ``gradients.mode: on_the_fly`` only ``index.json`` is written and training computes labels itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -34,22 +36,35 @@ def gradient_path(out: Path, set_name: str, key: str) -> Path:
     return Path(out) / set_name / f"{key}.png"
 
 
-def _one(job: tuple[str, str, int, int, int]) -> str | None:
-    image_path, target, width, height, max_pixels = job
+def label_name(set_name: str, key: str) -> str:
+    """The name of a label relative to ``gradients.out`` (the key of ``index.json``'s ``files``)."""
+    return f"{set_name}/{key}.png"
+
+
+def _one(job: tuple[str, str | None, str, int, int, int]) -> tuple[str | None, str | None]:
+    """Write one label; return ``(error, sha256 of the PNG written)``."""
+    image_path, image_sha256, target, width, height, max_pixels = job
     try:
-        image = load_image(image_path, max_pixels)
+        # the image is hashed while it is read: a label is never computed from an original that changed after ingest
+        image = load_image(image_path, max_pixels, expected_sha256=image_sha256)
     except ImageReadError as exc:
-        return str(exc)
+        return str(exc), None
     resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     ok, png = cv2.imencode(".png", encode_gradient(gradient_label(resized)), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
-        return f"{image_path}: OpenCV could not encode the gradient label"
-    Path(target).write_bytes(png.tobytes())
-    return None
+        return f"{image_path}: OpenCV could not encode the gradient label", None
+    data = png.tobytes()
+    Path(target).write_bytes(data)
+    return None, hashlib.sha256(data).hexdigest()
 
 
 def compute_gradients(params: Params, progress: bool = True) -> int:
-    """Write every label; return the number written."""
+    """Write every label and ``index.json`` (with each label's sha256 and its image's); return the number written.
+
+    Raises:
+        StageInputError: an image that cannot be read, or whose sha256 is not the manifest's (changed since
+            ingest); nothing is published then.
+    """
     records = read_manifest(Path(params.data.prepared) / "manifest.jsonl")
     out = Path(params.gradients.out)
     tmp = out.with_name(out.name + ".tmp")
@@ -57,26 +72,35 @@ def compute_gradients(params: Params, progress: bool = True) -> int:
     tmp.mkdir(parents=True)
     width, height = params.data.size
     jobs = []
+    names: list[tuple[str, str | None]] = []
     if params.gradients.mode == "precomputed":
         for rec in records:
             target = gradient_path(tmp, rec["set"], rec["key"])
             target.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((rec["image"], str(target), width, height, params.data.max_image_pixels))
+            jobs.append((rec["image"], rec.get("image_sha256"), str(target), width, height,
+                         params.data.max_image_pixels))
+            names.append((label_name(rec["set"], rec["key"]), rec.get("image_sha256")))
     errors: list[str] = []
+    files: dict[str, dict[str, str | None]] = {}
     bar = tqdm(total=len(jobs), desc="gradients", unit="img", disable=not progress)
     workers = max(1, params.data.workers)
     if workers > 1 and len(jobs) > 8:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool:
-            for err in pool.map(_one, jobs, chunksize=8):
-                if err:
-                    errors.append(err)
+            outcomes = []
+            for outcome in pool.map(_one, jobs, chunksize=8):
+                outcomes.append(outcome)
                 bar.update()
     else:
+        outcomes = []
         for job in jobs:
-            if err := _one(job):
-                errors.append(err)
+            outcomes.append(_one(job))
             bar.update()
     bar.close()
+    for (name, image_sha256), (err, digest) in zip(names, outcomes, strict=True):
+        if err:
+            errors.append(err)
+        else:
+            files[name] = {"sha256": digest, "image_sha256": image_sha256}
     if errors:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StageInputError(f"{len(errors)} image(s) in the manifest could not be read (changed since ingest?): "
@@ -87,8 +111,9 @@ def compute_gradients(params: Params, progress: bool = True) -> int:
         "count": len(jobs),
         "encoding": {"format": "png16", "value": f"uint16 / {GRADIENT_SCALE:g} - {GRADIENT_OFFSET / GRADIENT_SCALE:g}"},
         "definition": "5x5 normalised Laplacian (reflect-101) of the channel mean of the ImageNet-normalised image",
+        "files": files,
     }
-    (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    (tmp / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return len(jobs)

@@ -14,7 +14,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from birefnet.config import Params
-from birefnet.data.ingest import BadSample, IngestResult, assign_class_ids, find_candidates, validate_all, write_outputs
+from birefnet.data.ingest import (
+    BadSample,
+    IngestResult,
+    assign_class_ids,
+    find_candidates,
+    output_paths,
+    validate_all,
+    write_outputs,
+)
+from birefnet.publish import retract
 from birefnet.stages.common import StageInputError, add_params_args, run_stage
 
 log = logging.getLogger("birefnet.ingest")
@@ -23,7 +32,25 @@ MAX_LISTED = 20
 
 
 def ingest(params: Params, progress: bool = True) -> IngestResult:
-    """Run ingest with ``params.data``; raise StageInputError on bad samples when ``on_bad_sample=fail``."""
+    """Run ingest with ``params.data`` and publish its three outputs together.
+
+    Raises:
+        StageInputError: a missing root or set, no valid training sample, or bad samples with
+            ``on_bad_sample=fail``. The previous outputs are removed first (and the message says so), so the
+            gradients and shard stages cannot go on with a manifest of data that no longer validates.
+    """
+    try:
+        return _ingest(params, progress)
+    except StageInputError as exc:
+        removed = retract("ingest", output_paths(Path(params.data.prepared)))
+        if not removed:
+            raise
+        names = ", ".join(str(p) for p in removed)
+        raise StageInputError(f"{exc}\nRemoved the previous ingest outputs ({names}) so that later stages cannot "
+                              "use a stale manifest; fix the data and rerun `birefnet ingest`.") from None
+
+
+def _ingest(params: Params, progress: bool) -> IngestResult:
     data = params.data
     split_of = {s: "train" for s in data.train_sets}
     split_of |= {s: "val" for s in data.val_sets}

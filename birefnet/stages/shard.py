@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import multiprocessing
 from collections.abc import Iterator
@@ -72,6 +73,50 @@ def group_entries(entries: list[dict[str, Any]], params: Params) -> dict[str, di
     return grouped
 
 
+def read_gradient_records(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """``files`` of ``<gradients.out>/index.json``: ``<set>/<key>.png`` -> ``{"sha256", "image_sha256"}``.
+
+    Returns:
+        The records, or None when the folder has no index or an index without ``files`` (labels written by other
+        tools): those labels are still decoded in full, but not hash-checked.
+
+    Raises:
+        StageInputError: an index that is not JSON.
+    """
+    path = folder / "index.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StageInputError(f"{path}: unreadable gradients index ({exc}); rerun `birefnet gradients`") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return files if isinstance(files, dict) else None
+
+
+def gradient_sha256_for(entry: dict[str, Any], records: dict[str, dict[str, Any]] | None, folder: Path) -> str | None:
+    """The recorded sha256 of a sample's gradient label, after checking it was computed from this image version.
+
+    Raises:
+        StageInputError: the label is not in the index, or was computed from an image whose sha256 is not the
+            manifest's (the gradients stage ran before the last ingest).
+    """
+    if records is None:
+        return None
+    from birefnet.stages.gradients import label_name
+
+    name = label_name(entry["set"], entry["key"])
+    record = records.get(name)
+    if not isinstance(record, dict) or not record.get("sha256"):
+        raise StageInputError(f"{folder / name}: not listed in {folder / 'index.json'} (set {entry['set']!r}, key "
+                              f"{entry['key']!r}); rerun `birefnet gradients`")
+    if record.get("image_sha256") != entry.get("image_sha256"):
+        raise StageInputError(f"{folder / name} was computed from {entry['image']} with sha256 "
+                              f"{record.get('image_sha256')}, but the manifest has {entry.get('image_sha256')}; "
+                              "rerun `birefnet gradients`")
+    return str(record["sha256"])
+
+
 def _init_worker() -> None:
     import cv2
 
@@ -100,7 +145,9 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
         split -> the index written to ``<shard.out>/<split>/index.json``.
 
     Raises:
-        StageInputError: missing/invalid manifest, unreadable originals or gradient labels (named).
+        StageInputError: missing/invalid manifest, unreadable originals or gradient labels, an original whose
+            sha256 is not the manifest's (changed after ingest) or a gradient label whose sha256 is not the
+            gradients index's (each named).
     """
     shard = params.shard
     entries = read_manifest(Path(params.data.prepared) / "manifest.jsonl")
@@ -108,6 +155,14 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
     if not grouped:
         raise StageInputError(f"{params.data.prepared}/manifest.jsonl has no sample of a train/val/test set")
     with_gradient = params.gradients.mode == "precomputed"
+    gradients_dir = Path(params.gradients.out)
+    gradient_records = read_gradient_records(gradients_dir) if with_gradient else None
+    if with_gradient and gradient_records is None:
+        log.warning("%s has no per-file hashes: gradient labels are decoded in full but not hash-checked (rerun "
+                    "`birefnet gradients` to record them)", gradients_dir / "index.json")
+    # checked for every sample before any output is touched
+    gradient_hashes = {(e["set"], e["key"]): gradient_sha256_for(e, gradient_records, gradients_dir)
+                       for sets in grouped.values() for items in sets.values() for e in items} if with_gradient else {}
     size = tuple(params.data.size)
     options = EncodeOptions(size=size if shard.resize else None, image_format=shard.image_format,
                             quality=shard.quality, png_compression=shard.png_compression,
@@ -140,9 +195,10 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
                                    original_mask=split in shard.original_masks)
                 for set_name, items in grouped[split].items():
                     tasks = [SampleTask(entry=e, index=i,
-                                        gradient_path=str(Path(params.gradients.out) / e["set"] / f"{e['key']}.png")
+                                        gradient_path=str(gradients_dir / e["set"] / f"{e['key']}.png")
                                         if with_gradient else None,
-                                        original_mask=index.original_mask)
+                                        original_mask=index.original_mask,
+                                        gradient_sha256=gradient_hashes.get((e["set"], e["key"])))
                              for i, e in enumerate(items)]
                     results: Iterator[dict[str, Any]] = (pool.imap(encode, tasks, chunksize=2) if pool is not None
                                                          else map(encode, tasks))

@@ -2,9 +2,10 @@
 
 Reads ``<shard.out>/train`` and ``<shard.out>/val`` shards and params ``model``, ``train``, ``loader``,
 ``data.size``, ``gradients.mode``, ``tracking``; writes ``<train.out>/model.safetensors`` (best by validation
-S-measure), ``<train.out>/train.json`` (summary and per-epoch history) and ``<train.out>/history.csv``
-(a DVC plot). Ray checkpoints live under ``train.storage_path`` (outside the DVC cache); rerunning the stage
-with the same params and data resumes the same run instead of starting over.
+S-measure), ``<train.out>/train.json`` (summary, per-epoch history and the model's ``model_sha256``) and
+``<train.out>/history.csv`` (a DVC plot), all three published together (:func:`publish_outputs`). Ray
+checkpoints live under ``train.storage_path`` (outside the DVC cache); rerunning the stage with the same params
+and data resumes the same run instead of starting over.
 """
 
 from __future__ import annotations
@@ -36,13 +37,47 @@ def data_digest(params: Params) -> str:
     return h.hexdigest()
 
 
+OUTPUT_NAMES = ("model.safetensors", "history.csv", "train.json")
+"""The stage's outputs in ``train.out``, in publication order: ``train.json`` (which names the model's sha256) last."""
+
+
 def write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch history as the CSV DVC plots (one row per epoch)."""
     keys = ["epoch", "stage", "lr", "train_loss", "val_Sm", "val_MAE", "val_maxF", "val_wF", "val_meanE"]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for rec in history:
             writer.writerow({k: rec.get(k, "") for k in keys})
+
+
+def publish_outputs(out: Path, model_file: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Publish ``model.safetensors``, ``history.csv`` and ``train.json`` in ``out`` together, or not at all.
+
+    The three are staged under temporary names in ``out`` and renamed in by :class:`birefnet.publish.OutputSet`:
+    a run killed at any point leaves the previous three, or the new three (finished by the next run or reader),
+    and never a new model beside an old ``train.json``. ``train.json`` records the sha256 of the model bytes
+    published, so any reader can check the pair.
+
+    Args:
+        out: ``train.out``.
+        model_file: the best checkpoint's weights (copied, not moved).
+        summary: the ``train.json`` document; ``model_sha256`` is added.
+
+    Returns:
+        The summary written.
+    """
+    from birefnet.data.io import sha256_file
+    from birefnet.publish import OutputSet
+
+    model, history, summary_path = (out / name for name in OUTPUT_NAMES)
+    with OutputSet("train", [model, history, summary_path]) as outputs:
+        staged_model = outputs.staged(model)
+        shutil.copyfile(model_file, staged_model)
+        summary = {**summary, "model": str(model), "model_sha256": sha256_file(staged_model)}
+        write_history_csv(outputs.staged(history), summary.get("history", []))
+        outputs.staged(summary_path).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary
 
 
 def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | None = None) -> dict[str, Any]:
@@ -72,9 +107,6 @@ def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | No
         client.set_terminated(run_id, status="FAILED")
         raise
     out = Path(params.train.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.best_checkpoint / "model.safetensors", out / "model.safetensors")
-    shutil.rmtree(result.best_checkpoint, ignore_errors=True)
     summary = {
         "run_name": result.run_name,
         "mlflow_run_id": run_id,
@@ -86,8 +118,13 @@ def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | No
         "seconds": round(result.seconds, 1),
         "history": result.history,
     }
-    (out / "train.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    write_history_csv(out / "history.csv", result.history)
+    try:
+        summary = publish_outputs(out, result.best_checkpoint / "model.safetensors", summary)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        shutil.rmtree(result.best_checkpoint, ignore_errors=True)
     client.log_artifact(run_id, str(out / "train.json"))
     client.log_artifact(run_id, str(out / "history.csv"))
     client.set_terminated(run_id, status="FINISHED")

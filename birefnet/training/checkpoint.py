@@ -12,6 +12,7 @@ Layout of a checkpoint folder (what Ray Train stores under ``RunConfig(storage_p
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from birefnet.config import ModelParams
 from birefnet.models.io import _unwrap, save_model
 
 STATE_FILE = "state.json"
+
+log = logging.getLogger("birefnet.checkpoint")
 
 
 def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_params: ModelParams,
@@ -50,14 +53,32 @@ def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_par
 
 def load_training_state(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                         scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
-    """Restore weights, optimiser and scaler in place from a checkpoint folder; return ``state.json``."""
+    """Restore weights, optimiser and scaler in place from a checkpoint folder; return ``state.json``.
+
+    Resuming is exact or it fails: a checkpoint without ``optimizer.pt`` (when an optimiser is given) is refused
+    rather than resumed with fresh AdamW moments, which would silently change the training trajectory. Pass
+    ``optimizer=None`` to load weights and state only (e.g. to inspect a checkpoint). A missing ``scaler.pt`` is
+    logged: :func:`save_training_state` writes none when training ran without a scaler, and a fresh scaler only
+    re-learns its loss scale over a few steps.
+
+    Raises:
+        FileNotFoundError: ``model.safetensors``, ``state.json`` or (with an optimiser) ``optimizer.pt`` is
+            missing; the message names the file.
+    """
     folder = Path(folder)
-    missing = [n for n in ("model.safetensors", STATE_FILE) if not (folder / n).is_file()]
+    needed = ["model.safetensors", STATE_FILE] + (["optimizer.pt"] if optimizer is not None else [])
+    missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {folder} is incomplete: missing {missing}")
+        files = ", ".join(str(folder / n) for n in missing)
+        raise FileNotFoundError(f"checkpoint {folder} is incomplete: missing {files}; cannot resume exactly (the "
+                                "optimiser state is part of the run)")
     _unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    if optimizer is not None and (folder / "optimizer.pt").is_file():
+    if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    if scaler is not None and (folder / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None:
+        if (folder / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
+        else:
+            log.warning("checkpoint %s has no scaler.pt: the AMP grad scaler restarts from its initial scale",
+                        folder)
     return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))

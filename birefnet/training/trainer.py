@@ -232,18 +232,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _write_probe(folder: Path, rank: int, epoch: int, model: torch.nn.Module, node_id: str) -> None:
-    """Test hook: record this rank's parameter digest and node after an epoch (DDP sync checks).
+    """Test hook: record this rank's parameter digest, node and listening sockets after an epoch.
 
-    Parameters only: BatchNorm running statistics are per-rank by design (rank 0's are checkpointed).
+    Parameters only: BatchNorm running statistics are per-rank by design (rank 0's are checkpointed). The
+    listening sockets (``ip:port``) are this worker's own while the process group is up: the rendezvous store on
+    rank 0, gloo's pairs, Ray's core worker.
     """
+    import psutil
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.named_parameters()):
         digest.update(name.removeprefix("module.").encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    listening = sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections(kind="inet")
+                       if c.status == psutil.CONN_LISTEN)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{rank}_epoch{epoch}.json").write_text(
         json.dumps({"rank": rank, "epoch": epoch, "node": node_id, "params_sha256": digest.hexdigest(),
-                    "pid": os.getpid()}), encoding="utf-8")
+                    "pid": os.getpid(), "listening": listening}), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -299,6 +305,8 @@ def fit(params: Params, *, data_digest: str, mlflow_run_id: str | None = None, t
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from birefnet.training.ray_backend import BoundTorchConfig
+
     train = params.train
     storage = train.storage_path if "://" in train.storage_path else str(Path(train.storage_path).resolve())
     name = run_name_for(params, data_digest)
@@ -310,6 +318,7 @@ def fit(params: Params, *, data_digest: str, mlflow_run_id: str | None = None, t
             train_loop_config={"params": params_to_dict(params), "cwd": str(Path.cwd()),
                                "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "fault": fault,
                                "probe_dir": probe_dir},
+            torch_config=BoundTorchConfig(),
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker},
                                          placement_strategy=train.placement_strategy),

@@ -135,3 +135,66 @@ def test_interrupted_write_then_rerun(tmp_path: Path) -> None:
         SplitIndex.read(out / "train")
     assert main(["--params", str(params), "--quiet"]) == 0
     assert tree_bytes(out) == clean
+
+
+def _reencode(path: Path, quality: int) -> None:
+    """Rewrite a JPEG with other bytes (still a valid image of the same size)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok and data.tobytes() != path.read_bytes()
+    path.write_bytes(data.tobytes())
+
+
+def test_original_changed_after_ingest_is_refused_naming_file_and_hashes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = write_prepared(tmp_path, {"DIS-TR": 3}, gradients=False)
+    entry = json.loads((paths["prepared"] / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[1])
+    _reencode(Path(entry["image"]), 60)
+    actual = hashlib.sha256(Path(entry["image"]).read_bytes()).hexdigest()
+    params = write_params(tmp_path, paths, tmp_path / "shards", workers=1, gradients_mode="on_the_fly")
+    assert main(["--params", str(params), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert entry["image"] in err and entry["image_sha256"] in err and actual in err and "sha256 mismatch" in err
+    assert not (tmp_path / "shards" / "train" / "index.json").exists()
+
+
+def test_gradient_label_truncated_after_its_header_is_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    paths = write_prepared(tmp_path, {"DIS-TR": 2})
+    victim = sorted((paths["gradients"] / "DIS-TR").iterdir())[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # IHDR intact: 64x64, 16-bit gray
+    params = write_params(tmp_path, paths, tmp_path / "shards", workers=1)
+    assert main(["--params", str(params), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert str(victim) in err and "truncated or corrupt" in err
+
+
+def test_gradient_label_changed_after_gradients_stage_is_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from birefnet.stages import gradients
+
+    paths = write_prepared(tmp_path, {"DIS-TR": 3}, gradients=False)
+    params = write_params(tmp_path, paths, tmp_path / "shards", workers=1)
+    assert gradients.main(["--params", str(params), "-q"]) == 0
+    index = json.loads((paths["gradients"] / "index.json").read_text(encoding="utf-8"))
+    labels = sorted((paths["gradients"] / "DIS-TR").iterdir())
+    assert len(index["files"]) == 3 and all(len(r["sha256"]) == 64 for r in index["files"].values())
+    assert main(["--params", str(params), "--quiet"]) == 0
+    labels[0].write_bytes(labels[1].read_bytes())  # a valid label of the right size, but another image's
+    assert main(["--params", str(params), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert str(labels[0]) in err and "sha256 mismatch" in err
+
+
+def test_gradients_stage_refuses_an_original_changed_after_ingest(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from birefnet.stages import gradients
+
+    paths = write_prepared(tmp_path, {"DIS-TR": 2}, gradients=False)
+    entry = json.loads((paths["prepared"] / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    _reencode(Path(entry["image"]), 55)
+    params = write_params(tmp_path, paths, tmp_path / "shards", workers=1)
+    assert gradients.main(["--params", str(params), "-q"]) == 3
+    err = capsys.readouterr().err
+    assert entry["image"] in err and "sha256 mismatch" in err and not paths["gradients"].exists()

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -259,3 +260,60 @@ def test_dvc_reads_the_metrics_and_plots(evaluated: Path, repo_root: Path, venv_
             entry = plots["data"][f"metrics/plots/{kind}/{name}.csv"][0]
             assert entry["type"] == "vega" and len(entry["content"]["data"]["values"]) == 256
     assert {"metrics/plots/png/pr.png", "metrics/plots/png/fmeasure.png", "metrics/plots/png/emeasure.png"} <= names
+
+
+def test_eval_json_names_the_model_by_sha256(evaluated: Path) -> None:
+    import hashlib
+
+    meta = json.loads((evaluated / "metrics" / "eval.json").read_text())["meta"]
+    model = evaluated / meta["model"]
+    assert meta["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def _outputs_agree(ws: Path, model: Path) -> None:
+    """eval.json, the curves and the report are one run's, and that run scored ``model``."""
+    import hashlib
+
+    report = json.loads((ws / "metrics" / "eval.json").read_text())
+    assert report["meta"]["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    with open(ws / "reports" / "eval" / "per_image.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for name, metrics in report["sets"].items():
+        sm = [float(r["Sm"]) for r in rows if r["set"] == name]
+        assert len(sm) == metrics["n"] and np.mean(sm) == pytest.approx(metrics["Sm"], abs=1e-5), name
+        with open(ws / "metrics" / "plots" / "fmeasure" / f"{name}.csv", newline="", encoding="utf-8") as fh:
+            curve = [float(r["fmeasure"]) for r in csv.DictReader(fh)]
+        assert max(curve) == pytest.approx(metrics["maxF"], abs=1e-5), name
+    assert (ws / "metrics" / "plots" / "png" / "pr.png").is_file() and (ws / "reports" / "eval" / "index.md").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_killed_while_publishing_then_rerun(evaluated: Path, tmp_path: Path) -> None:
+    """Kill evaluate after its new report is in place but before its eval.json is: never new beside old."""
+    from birefnet.models import build_model, save_model
+    from birefnet.publish import CRASH_ENV
+    from birefnet.stages.evaluate import main
+
+    ws = tmp_path / "ws"
+    shutil.copytree(evaluated, ws)
+    _outputs_agree(ws, ws / "models" / "model.safetensors")
+    old_eval = (ws / "metrics" / "eval.json").read_bytes()
+    with _cwd(ws):
+        params = load_params("params.yaml")
+        import torch
+
+        torch.manual_seed(1)  # other weights, other scores
+        save_model(build_model(params.model), params.model, params.evaluate.model)
+    env = {**os.environ, CRASH_ENV: "evaluate:swap1"}
+    proc = subprocess.run([sys.executable, "-m", "birefnet.stages.evaluate", "--params", "params.yaml", "-q"],
+                          cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    # the new report is in place, the old metrics are not beside it
+    assert not (ws / "metrics" / "eval.json").exists()
+    assert not (ws / "metrics" / "plots" / "fmeasure").exists()
+    with _cwd(ws):
+        assert main(["--params", "params.yaml", "-q"]) == 0
+    assert (ws / "metrics" / "eval.json").read_bytes() != old_eval
+    _outputs_agree(ws, ws / "models" / "model.safetensors")
+    assert sorted(p.name for p in (ws / "metrics").iterdir()) == ["eval.json", "plots"]
+    assert sorted(p.name for p in (ws / "metrics" / "plots").iterdir()) == ["emeasure", "fmeasure", "png", "pr"]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from birefnet.config import load_params
+from tests.helpers.listeners import ListenerSampler, is_loopback
 from tests.helpers.ray_cluster import two_node_cluster
 from tests.helpers.tinyrepo import merge
 
@@ -70,14 +71,37 @@ def _probes(folder: Path) -> dict[tuple[int, int], dict]:
     return {(d["rank"], d["epoch"]): d for d in (json.loads(p.read_text()) for p in folder.glob("rank*_epoch*.json"))}
 
 
+def _assert_loopback_only(sampler: ListenerSampler, probes: dict[tuple[int, int], dict], ray_processes: set[str],
+                          ) -> None:
+    """Every socket that listened during training was on 127.0.0.1, and the sampling saw what it must.
+
+    The probes (written by each rank inside the train loop, process group up) list the workers' own listeners:
+    rank 0 serves the rendezvous store, so it listens on more sockets than Ray's core worker alone.
+    """
+    assert sampler.samples >= 3, sampler.samples
+    assert not sampler.not_loopback(), "listeners off loopback during training:\n" + "\n".join(sampler.not_loopback())
+    owners = " ".join(sampler.owners())
+    for name in ray_processes:
+        assert name in owners, (name, sorted(sampler.owners()))
+    worker_pids = {p["pid"] for p in probes.values()}
+    assert worker_pids <= {item.pid for item in sampler.seen}, "the sampler missed a train worker"
+    for probe in probes.values():
+        assert probe["listening"], probe
+        assert all(is_loopback(address.rsplit(":", 1)[0]) for address in probe["listening"]), probe
+    rank0 = {a for p in probes.values() if p["rank"] == 0 for a in p["listening"]}
+    rank1 = {a for p in probes.values() if p["rank"] == 1 for a in p["listening"]}
+    assert len(rank0) > len(rank1) >= 1, (rank0, rank1)  # the store's socket is rank 0's extra listener
+
+
 def test_two_workers_ddp_in_process_and_schedule_switch(workspace: Path, tmp_path: Path) -> None:
     from birefnet.stages.train import run
 
-    with _in(workspace):
+    with _in(workspace), ListenerSampler() as sampler:
         params = _params(workspace, "train.num_workers=2", f"train.run_name=ddp-{tmp_path.name}",
                          f"train.out={tmp_path / 'models'}")
         summary = run(params, probe_dir=str(tmp_path / "probe"))
     probes = _probes(tmp_path / "probe")
+    _assert_loopback_only(sampler, probes, {"gcs_server", "raylet", "RayTrainWorker"})
     assert set(probes) == {(0, 0), (1, 0), (0, 1), (1, 1)}
     for epoch in (0, 1):
         assert probes[(0, epoch)]["params_sha256"] == probes[(1, epoch)]["params_sha256"]
@@ -171,12 +195,14 @@ def test_identical_loss_curves_with_one_worker(workspace: Path, tmp_path: Path) 
 def test_two_node_cluster_one_worker_per_node(workspace: Path, tmp_path: Path) -> None:
     from birefnet.stages.train import run
 
-    with two_node_cluster(tmp_path / "ray") as address, _in(workspace):
+    with two_node_cluster(tmp_path / "ray") as address, _in(workspace), ListenerSampler() as sampler:
         params = _params(workspace, f"train.ray_address={address}", "train.num_workers=2",
                          "train.placement_strategy=STRICT_SPREAD", f"train.run_name=nodes-{tmp_path.name}",
                          f"train.out={tmp_path / 'models'}", "train.stages=[{name: main, epochs: 1}]")
         run(params, probe_dir=str(tmp_path / "probe"))
     probes = _probes(tmp_path / "probe")
+    _assert_loopback_only(sampler, probes, {"gcs_server", "raylet", "RayTrainWorker"})
+    assert len({item.pid for item in sampler.seen if item.process.endswith("raylet")}) == 2, "both nodes' raylets"
     assert probes[(0, 0)]["node"] != probes[(1, 0)]["node"]
     assert probes[(0, 0)]["params_sha256"] == probes[(1, 0)]["params_sha256"]
 
