@@ -5,7 +5,10 @@ Image Segmentation", CAAI AIR 2024). Inference follows upstream's ``inference.py
 the model resolution (OpenCV bilinear, as our loader does for training and evaluation), ImageNet-normalised,
 the logits go through a sigmoid, the probability map is resized back to the original size with bilinear
 ``align_corners=True`` and saved x255 truncated to 8 bits. The cut-out is the original RGB with the mask as
-alpha.
+alpha; with ``--refine-foreground`` its colours are the estimated foreground colours instead
+(:mod:`birefnet.foreground`, blur fusion as upstream's ``refine_foreground``), so soft edges do not carry the old
+background. ``--precision fp16`` runs the forward pass under fp16 autocast, which needs CUDA: on any other device
+it is refused (exit 2) rather than silently run in another precision.
 
 Python API: :func:`predict_files` (files, folders, globs -> PNGs on disk, bad files reported and skipped),
 :func:`predict_images` (in-memory arrays -> masks) and the helpers they are built from.
@@ -17,13 +20,14 @@ unless ``--overwrite``. Every PNG written carries a ``Software`` text chunk nami
 replaces its own earlier outputs in ``--out`` while any other file there is only replaced with ``--overwrite``.
 
 Exit status: 0 all predicted, 1 some inputs failed (each named), 2 bad arguments (``--size``, a model file or
-URI that does not exist), 3 bad input (output folder conflicts, a damaged model file, an unreachable tracking
-server).
+URI that does not exist, ``--precision fp16`` without CUDA), 3 bad input (output folder conflicts, a damaged
+model file, an unreachable tracking server).
 
 Usage::
 
     birefnet predict photos/ extra/*.webp --model models/model.safetensors --out predictions/
     birefnet predict img.jpg --model models:/birefnet@champion --out out/ --size 1024 1024 --device cuda
+    birefnet predict hair.jpg --model models/model.safetensors --out out/ --refine-foreground --precision fp16
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import contextlib
+
     import torch
 
     from birefnet.models.birefnet import BiRefNet
@@ -54,6 +60,8 @@ DEFAULT_SIZE = (1024, 1024)
 #: Optional safetensors metadata key holding the training resolution as ``"W,H"`` (written via
 #: ``save_model(..., extra={SIZE_METADATA_KEY: "1024,1024"})``); read when ``--size`` is not given.
 SIZE_METADATA_KEY = "birefnet.data.size"
+#: ``precision`` values of :func:`predict_images` and ``--precision``; ``fp16`` needs a CUDA device.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Suffix of the RGBA cut-out next to each mask.
 CUTOUT_SUFFIX = "_cutout"
 #: Value of the ``Software`` PNG text chunk of every output: marks files a rerun may replace.
@@ -473,19 +481,52 @@ def postprocess(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[
     return masks
 
 
-def make_cutout(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGBA cut-out: the image's colours with the mask as alpha.
+def make_cutout(image: np.ndarray, mask: np.ndarray, refine_foreground: bool = False) -> np.ndarray:
+    """RGBA cut-out: the image's colours (or their estimated foreground colours) with the mask as alpha.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
         mask: ``(H, W)`` uint8.
+        refine_foreground: replace the colours by :func:`birefnet.foreground.estimate_foreground` under the mask,
+            removing the background's tint from soft edges (pixels with alpha 255 keep their colour).
 
     Returns:
         ``(H, W, 4)`` uint8.
     """
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    if refine_foreground:
+        from birefnet.foreground import estimate_foreground
+
+        image = estimate_foreground(image, mask)
     return np.concatenate((image, mask[..., None]), axis=2)
+
+
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """Refuse a precision the device cannot run.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`PRECISIONS`, or is ``fp16`` on a device other than CUDA
+            (fp16 autocast is CUDA-only here; the CPU runs fp32 or bf16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; given {precision!r}")
+    device_type = str(device).split(":", 1)[0]
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device (fp16 autocast is CUDA-only); the device is "
+                         f"{device_type}: use --precision fp32 or bf16 there, or --device cuda")
+
+
+def inference_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """The forward pass's autocast: fp16 on CUDA for ``fp16``, else as training's ``autocast_for`` (bf16 for
+    ``bf16``, and for ``auto`` on CUDA; none for ``fp32``). Call :func:`check_precision` first."""
+    import torch
+
+    from birefnet.training.engine import autocast_for
+
+    if precision == "fp16":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return autocast_for(device, precision)
 
 
 def predict_images(model: BiRefNet, images: Sequence[np.ndarray], size: tuple[int, int],
@@ -497,20 +538,23 @@ def predict_images(model: BiRefNet, images: Sequence[np.ndarray], size: tuple[in
         images: ``(H_i, W_i, 3)`` uint8 RGB arrays of any sizes.
         size: model resolution (width, height), multiples of 32.
         device: where to run.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16`` (fp16
+            autocast, CUDA only).
 
     Returns:
         ``(H_i, W_i)`` uint8 masks, one per image.
+
+    Raises:
+        ValueError: see :func:`check_precision`.
     """
     import torch
 
-    from birefnet.training.engine import autocast_for
-
+    check_precision(precision, device)
     if not images:
         return []
     device = torch.device(device)
     batch = torch.stack([preprocess(image, size) for image in images]).to(device)
-    with torch.inference_mode(), autocast_for(device, precision):
+    with torch.inference_mode(), inference_autocast(device, precision):
         logits = model(batch).logits
     return postprocess(logits, [image.shape[:2] for image in images])
 
@@ -541,7 +585,7 @@ def load_predictor(model: str | Path, device: str | torch.device = "cpu", size: 
 def predict_files(inputs: Sequence[str | Path], model: str | Path | BiRefNet, out: str | Path, *,
                   size: Sequence[int] | None = None, batch_size: int = 1, device: str | torch.device = "cpu",
                   precision: str = "auto", cutout: bool = True, recursive: bool = False, progress: bool = True,
-                  workers: int = 2, overwrite: bool = False) -> PredictReport:
+                  workers: int = 2, overwrite: bool = False, refine_foreground: bool = False) -> PredictReport:
     """Predict every image under ``inputs`` and write ``<out>/<stem>.png`` (+ ``<stem>_cutout.png``).
 
     A file that cannot be read or written is recorded in the report and skipped; the others go on. Outputs
@@ -554,19 +598,21 @@ def predict_files(inputs: Sequence[str | Path], model: str | Path | BiRefNet, ou
         size: model resolution (width, height); None = the model file's, else 1024x1024.
         batch_size: images per forward pass.
         device: ``cpu``, ``cuda``...
-        precision: ``auto`` (bf16 on CUDA), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 on CUDA), ``fp32``, ``bf16`` or ``fp16`` (CUDA only; refused elsewhere).
         cutout: also write RGBA cut-outs.
         recursive: descend into sub-folders (mirrored under ``out``) and let ``**`` match in globs.
         progress: show a tqdm bar.
         workers: threads decoding the next batch while the current one runs.
         overwrite: allow ``out`` inside an input folder, and replacing files in ``out`` that an earlier run of
             this tool did not write. Inputs are never replaced.
+        refine_foreground: cut-outs get estimated foreground colours (see :func:`make_cutout`); needs ``cutout``.
 
     Returns:
         The :class:`PredictReport`.
 
     Raises:
-        ValueError: bad ``batch_size`` or ``size`` (too small for the model, not multiples of 32).
+        ValueError: bad ``batch_size`` or ``size`` (too small for the model, not multiples of 32), ``fp16`` off
+            CUDA (see :func:`check_precision`), ``refine_foreground`` without ``cutout``.
         PredictInputError: ``out`` conflicts with the inputs or holds files of another origin (see
             ``overwrite``); nothing was written.
         ModelFileError: a damaged model file.
@@ -577,6 +623,9 @@ def predict_files(inputs: Sequence[str | Path], model: str | Path | BiRefNet, ou
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, given {batch_size}")
+    check_precision(precision, device)
+    if refine_foreground and not cutout:
+        raise ValueError("refine_foreground changes the cut-outs' colours; it needs cut-outs (drop --no-cutout)")
     out = Path(out)
     images, failures = collect_inputs(inputs, recursive=recursive)
     check_output_folder(out, inputs, images, overwrite)
@@ -600,7 +649,7 @@ def predict_files(inputs: Sequence[str | Path], model: str | Path | BiRefNet, ou
             masks = predict_images(net, [image for _, _, image in good], resolution, device, precision)
             for (path, stem, image), mask in zip(good, masks, strict=True):
                 try:
-                    written = _write_outputs(out, stem, image, mask, cutout)
+                    written = _write_outputs(out, stem, image, mask, cutout, refine_foreground)
                 except OSError as exc:
                     report.failures.append(PredictionFailure(str(path), f"cannot write output: {exc}"))
                     continue
@@ -636,7 +685,8 @@ def _prefetched_batches(images: Sequence[tuple[Path, Path]], batch_size: int, po
         yield [(path, stem, future.result()) for path, stem, future in current]
 
 
-def _write_outputs(out: Path, stem: Path, image: np.ndarray, mask: np.ndarray, cutout: bool) -> list[Path]:
+def _write_outputs(out: Path, stem: Path, image: np.ndarray, mask: np.ndarray, cutout: bool,
+                   refine_foreground: bool = False) -> list[Path]:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -646,7 +696,7 @@ def _write_outputs(out: Path, stem: Path, image: np.ndarray, mask: np.ndarray, c
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask).save(mask_path, pnginfo=info)
     if cutout_path:
-        Image.fromarray(make_cutout(image, mask)).save(cutout_path[0], pnginfo=info)
+        Image.fromarray(make_cutout(image, mask, refine_foreground)).save(cutout_path[0], pnginfo=info)
     return [mask_path, *cutout_path]
 
 
@@ -670,9 +720,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="model resolution (multiples of 32); default: the model file's, else 1024 1024")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = fp16 autocast, CUDA only (for GPUs "
+                             "without bf16; refused on the CPU, exit 2)")
     parser.add_argument("--no-cutout", dest="cutout", action="store_false", help="write masks only")
+    parser.add_argument("--refine-foreground", action="store_true",
+                        help="cut-outs get estimated foreground colours (blur fusion), so soft edges such as hair "
+                             "lose the original background's tint")
     parser.add_argument("-r", "--recursive", action="store_true",
                         help="descend into sub-folders (mirrored in --out) and let ** match in globs")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
@@ -690,7 +744,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from birefnet.stages.common import EXIT_BAD_INPUT, EXIT_BAD_PARAMS, setup_logging
     from birefnet.tracking import TrackingUnavailableError
 
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.refine_foreground and not args.cutout:
+        parser.error("--refine-foreground changes the cut-outs' colours; it cannot be combined with --no-cutout")
     setup_logging(args.quiet)
     try:
         # A registered model first, before torch and the model code load: an unreachable server fails in seconds.
@@ -701,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = predict_files(args.inputs, model, args.out, size=args.size, batch_size=args.batch_size,
                                device=device, precision=args.precision, cutout=args.cutout,
                                recursive=args.recursive, progress=args.progress, workers=args.workers,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, refine_foreground=args.refine_foreground)
     except (ModelFileError, PredictInputError, TrackingUnavailableError) as exc:
         print(f"birefnet predict: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -37,7 +37,14 @@ import numpy as np
 
 from birefnet.data.io import DEFAULT_MAX_PIXELS, ImageReadError, read_header_size
 from birefnet.evaluation.hce import EPSILON, RELAX
-from birefnet.evaluation.metrics import METRIC_KEYS, ImageScores, MetricAccumulator, SetResult, score_image
+from birefnet.evaluation.metrics import (
+    EXTRA_METRIC_KEYS,
+    METRIC_KEYS,
+    ImageScores,
+    MetricAccumulator,
+    SetResult,
+    score_image,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 DIS_TEST_SETS = ("DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
@@ -152,7 +159,7 @@ def mean_over_sets(results: dict[str, SetResult]) -> dict[str, object]:
     """Unweighted mean of each metric over DIS-TE1..4 when all are present, else over all sets."""
     names = list(DIS_TEST_SETS) if all(s in results for s in DIS_TEST_SETS) else list(results)
     mean: dict[str, object] = {"sets": names, "n": int(sum(results[s].metrics["n"] for s in names))}
-    for key in METRIC_KEYS:
+    for key in (*METRIC_KEYS, *EXTRA_METRIC_KEYS):
         if all(key in results[s].metrics for s in names):
             mean[key] = float(np.mean([results[s].metrics[key] for s in names]))
     return mean

@@ -4,7 +4,9 @@ The suite the BiRefNet paper (Zheng et al., "Bilateral Reference for High-Resolu
 Segmentation", CAAI AIR 2024) reports on DIS5K: S-measure (Fan et al., ICCV 2017), max/mean/adaptive
 F-measure (Achanta et al., CVPR 2009, beta^2 = 0.3), weighted F-measure (Margolin et al., CVPR 2014),
 max/mean/adaptive E-measure (Fan et al., IJCAI 2018), MAE, and the DIS human correction effort HCE_gamma
-(Qin et al., ECCV 2022; see :mod:`birefnet.evaluation.hce`).
+(Qin et al., ECCV 2022; see :mod:`birefnet.evaluation.hce`). On request (``evaluate.extra_metrics``) also the
+matting and boundary metrics of :func:`score_extra`: MSE, mean boundary accuracy (Cheng et al., CVPR 2020) and
+boundary IoU (Cheng et al., CVPR 2021), whose definitions and conventions are stated there.
 
 Conventions follow PySODMetrics (``py_sod_metrics``), which the tests use as the oracle:
 
@@ -30,7 +32,7 @@ Two deliberate differences:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -150,6 +152,7 @@ class ImageScores:
         recall: ``(256,)`` float64.
         fm_curve: ``(256,)`` float64 F-measure per threshold.
         em_curve: ``(256,)`` float64 E-measure per threshold.
+        extra: the requested metrics of :func:`score_extra`, or None when none was asked for.
     """
 
     sm: float
@@ -162,6 +165,7 @@ class ImageScores:
     recall: np.ndarray = field(repr=False)
     fm_curve: np.ndarray = field(repr=False)
     em_curve: np.ndarray = field(repr=False)
+    extra: ExtraScores | None = None
 
 
 class _Stats:
@@ -451,7 +455,7 @@ def _prepare(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(resize_to(pred8, gt_mask.shape)), np.ascontiguousarray(gt_mask)
 
 
-def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageScores:
+def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True, extra: Sequence[str] = ()) -> ImageScores:
     """Score one prediction against its ground truth with the full suite.
 
     Args:
@@ -459,12 +463,13 @@ def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageS
             see :func:`to_uint8`). Resized to the ground truth's size with OpenCV bilinear when sizes differ.
         gt: ``(H, W)`` ground truth: uint8 (binarised at > 128), bool, or float in [0, 1].
         hce: also compute the DIS human correction effort (the slowest metric).
+        extra: names of :data:`EXTRA_METRICS` to compute as well (see :func:`score_extra`).
 
     Returns:
         The per-image scores and threshold curves; every score but HCE is in [0, 1] for any image size.
 
     Raises:
-        ValueError: a map with no pixels, or not 2-D.
+        ValueError: a map with no pixels, or not 2-D, or an unknown ``extra`` name.
     """
     pred8, gt_mask = _prepare(pred, gt)
     stats = _Stats(pred8, gt_mask)
@@ -484,6 +489,7 @@ def score_image(pred: np.ndarray, gt: np.ndarray, *, hce: bool = True) -> ImageS
         recall=recall,
         fm_curve=fm_curve,
         em_curve=em_curve,
+        extra=score_extra(pred, gt, extra) if extra else None,
     )
 
 
@@ -507,7 +513,8 @@ class SetResult:
 
     Attributes:
         metrics: ``{"n", "Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE", "HCE"}``
-            (``HCE`` only when computed), floats except ``n``.
+            (``HCE`` only when computed), then the requested extra metrics (:func:`reduce_extra`), floats except
+            ``n``.
         curves: ``{"threshold", "precision", "recall", "fmeasure", "emeasure"}``: ``(256,)`` float64 arrays of
             the image-averaged curves, by ascending threshold 0..255.
     """
@@ -562,6 +569,9 @@ class MetricAccumulator:
         }
         if all(s.hce is not None for s in self._scores):
             metrics["HCE"] = mean("hce")
+        extras = [s.extra for s in self._scores]
+        if all(e is not None for e in extras):
+            metrics.update(reduce_extra(extras))  # type: ignore[arg-type]
         curves = {
             "threshold": np.arange(NUM_THRESHOLDS, dtype=np.float64),
             "precision": curve("precision"),
@@ -572,9 +582,253 @@ class MetricAccumulator:
         return SetResult(metrics=metrics, curves=curves)
 
 
-def score_set(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hce: bool = True) -> SetResult:
+def score_set(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hce: bool = True,
+              extra: Sequence[str] = ()) -> SetResult:
     """Score an iterable of ``(pred, gt)`` arrays (see :func:`score_image`) as one set."""
     accumulator = MetricAccumulator()
     for pred, gt in pairs:
-        accumulator.update(score_image(pred, gt, hce=hce))
+        accumulator.update(score_image(pred, gt, hce=hce, extra=extra))
     return accumulator.compute()
+
+
+# --------------------------------------------------------------------------------------------------------
+# matting and boundary metrics (evaluate.extra_metrics)
+
+#: ``evaluate.extra_metrics`` names and the set metrics each adds, in this order.
+EXTRA_METRICS: dict[str, tuple[str, ...]] = {"mse": ("MSE",), "mba": ("mBA",), "biou": ("maxBIoU", "meanBIoU")}
+#: Every set metric the extra metrics can add, in order (after :data:`METRIC_KEYS`).
+EXTRA_METRIC_KEYS: tuple[str, ...] = tuple(key for keys in EXTRA_METRICS.values() for key in keys)
+#: Boundary IoU band width as a fraction of the image diagonal (Cheng et al., CVPR 2021).
+BIOU_DILATION_RATIO = 0.02
+#: Radii of the mean boundary accuracy (CascadePSP, Cheng et al., CVPR 2020).
+MBA_STEPS = 5
+
+
+@dataclass(frozen=True)
+class ExtraScores:
+    """The extra metrics of one pair; a field is None when it was not asked for.
+
+    Attributes:
+        mse: mean squared error on the soft maps.
+        mba: mean boundary accuracy; NaN when the ground truth has no boundary (all background or all
+            foreground), where it is undefined.
+        biou_curve: ``(256,)`` float64 boundary IoU per threshold ``t`` in ``0..255`` (``pred8 >= t``).
+    """
+
+    mse: float | None = None
+    mba: float | None = None
+    biou_curve: np.ndarray | None = field(default=None, repr=False)
+
+    def values(self) -> dict[str, float]:
+        """Per-image scalars under the set metric names: ``MSE``, ``mBA``, ``maxBIoU``/``meanBIoU`` (of this
+        image's own curve), for the metrics computed."""
+        out: dict[str, float] = {}
+        if self.mse is not None:
+            out["MSE"] = self.mse
+        if self.mba is not None:
+            out["mBA"] = self.mba
+        if self.biou_curve is not None:
+            out["maxBIoU"] = float(self.biou_curve.max())
+            out["meanBIoU"] = float(self.biou_curve.mean())
+        return out
+
+
+def check_extra_names(names: Iterable[str]) -> list[str]:
+    """The names, duplicates dropped, in the order given.
+
+    Raises:
+        ValueError: a name that is not a key of :data:`EXTRA_METRICS`.
+    """
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in EXTRA_METRICS]
+    if unknown:
+        raise ValueError(f"unknown extra metric(s) {unknown}: expected any of {', '.join(EXTRA_METRICS)}")
+    return names
+
+
+def _unit_map(image: np.ndarray) -> np.ndarray:
+    """A 2-D map as float64 in [0, 1]: uint8 / 255, bool as 0/1, float clipped, other integers clipped / 255."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {image.shape}")
+    if image.dtype == bool:
+        return image.astype(np.float64)
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(image.astype(np.float64), 0.0, 1.0)
+    return np.clip(image, 0, 255).astype(np.float64) / 255
+
+
+def mse(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean squared error ``mean((p - g)^2)`` between the soft maps, as matting benchmarks report it.
+
+    ``p`` is the 8-bit prediction at the ground truth's size divided by 255 (no min-max normalisation) and ``g``
+    the ground truth **kept soft** (an alpha matte: uint8 / 255, float as is); so unlike this module's MAE, which
+    follows PySODMetrics (binarised ground truth, normalised prediction), a perfect soft prediction scores 0 on
+    matting data. Upstream BiRefNet's MSE is the PySODMetrics-style variant.
+
+    Args:
+        pred: ``(h, w)`` prediction as in :func:`score_image`.
+        gt: ``(H, W)`` ground truth: uint8, bool or float in [0, 1].
+    """
+    pred8, _ = _prepare(pred, gt)
+    diff = pred8.astype(np.float64) / 255 - _unit_map(gt)
+    return float(np.mean(diff * diff))
+
+
+def mba_radii(height: int, width: int) -> list[int]:
+    """The CascadePSP radii: ``1 + int((r_max - 1) * i / 5)`` for ``i = 0..4`` with ``r_max = (H + W) / 300``.
+
+    Five radii from 1 towards ``(H + W) / 300`` (truncated; all 1 below 600 pixels of height + width).
+    """
+    top = (height + width) / 300
+    return [1 + int((top - 1) / MBA_STEPS * i) for i in range(MBA_STEPS)]
+
+
+def mean_boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean boundary accuracy, mBA (CascadePSP: Cheng et al., "CascadePSP", CVPR 2020).
+
+    Both maps are binarised at ``> 128`` (8-bit; the prediction at the ground truth's size). For each radius
+    ``r`` of :func:`mba_radii`, the band is the morphological gradient (dilation minus erosion) of the ground
+    truth with an elliptic ``(2r + 1)`` kernel (OpenCV's ``MORPH_ELLIPSE``; image borders are not boundaries), and
+    the accuracy is the fraction of band pixels where the prediction equals the ground truth. mBA is the mean over
+    the five radii. A straight ground-truth edge gives a band of ``2r`` pixels across it, so a prediction whose edge
+    is one pixel off scores ``1 - 1 / (2r)`` at radius ``r``.
+
+    Returns:
+        mBA in [0, 1]; NaN when the ground truth has no boundary (every band is empty).
+    """
+    pred8, gt_mask = _prepare(pred, gt)
+    pred_mask = pred8 > GT_THRESHOLD
+    gt8 = gt_mask.astype(np.uint8)
+    accuracies = []
+    for radius in mba_radii(*gt_mask.shape):
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        band = cv2.morphologyEx(gt8, cv2.MORPH_GRADIENT, kernel) > 0
+        count = int(band.sum())
+        if not count:
+            return float("nan")
+        accuracies.append(int((pred_mask[band] == gt_mask[band]).sum()) / count)
+    return float(np.mean(accuracies))
+
+
+def biou_dilation(height: int, width: int, ratio: float = BIOU_DILATION_RATIO) -> int:
+    """Boundary width ``d = max(1, round(ratio * sqrt(H^2 + W^2)))`` in pixels (Boundary IoU's convention)."""
+    return max(1, int(round(ratio * float(np.hypot(height, width)))))
+
+
+def _erode_zero_padded(values: np.ndarray, dilation: int, fill: int) -> np.ndarray:
+    """Minimum over the ``(2d + 1)`` square around each pixel, with ``fill`` outside the image."""
+    padded = cv2.copyMakeBorder(values, dilation, dilation, dilation, dilation, cv2.BORDER_CONSTANT, value=fill)
+    kernel = np.ones((2 * dilation + 1, 2 * dilation + 1), np.uint8)
+    return cv2.erode(padded, kernel)[dilation:-dilation, dilation:-dilation]
+
+
+def mask_boundary(mask: np.ndarray, dilation: int) -> np.ndarray:
+    """Inner boundary of a binary mask: its pixels within chessboard distance ``dilation`` of the outside.
+
+    The outside includes everything beyond the image (Boundary IoU pads with background, so an object cut by the
+    image border has a boundary there). Equals ``mask`` minus its erosion by a ``(2d + 1)`` square.
+
+    Args:
+        mask: ``(H, W)`` bool.
+        dilation: ``d`` in pixels (>= 1).
+
+    Returns:
+        ``(H, W)`` bool.
+    """
+    mask8 = mask.astype(np.uint8)
+    return mask & ~(_erode_zero_padded(mask8, dilation, 0) > 0)
+
+
+def boundary_iou_curve(pred: np.ndarray, gt: np.ndarray, ratio: float = BIOU_DILATION_RATIO) -> np.ndarray:
+    """Boundary IoU (Cheng et al., "Boundary IoU", CVPR 2021) at every 8-bit threshold.
+
+    ``BIoU = |G_b & P_b| / |G_b | P_b|`` where ``X_b`` is the inner boundary of mask ``X`` of width
+    ``d = biou_dilation(H, W, ratio)`` (:func:`mask_boundary`: mask pixels within ``d`` of the outside, the image
+    border counting as outside). ``G`` is the ground truth binarised at ``> 128``; ``P_t`` is the 8-bit prediction
+    (at the ground truth's size, **not** min-max normalised) binarised at ``>= t`` for ``t = 0..255``, the
+    thresholds of this module's F/E curves. Two empty boundaries give 1. ``t = 0`` takes the whole image as
+    foreground (its boundary is the frame of width ``d``).
+
+    Computed exactly without 256 erosions: binarising commutes with erosion, so pixel ``x`` is on ``P_t``'s
+    boundary exactly when ``m(x) < t <= p(x)``, with ``m`` the minimum of ``p`` over the ``(2d + 1)`` square (-1
+    outside the image); the boundary sizes per threshold are then cumulative counts. (Upstream BiRefNet instead
+    erodes the grey prediction once and thresholds the grey difference, and normalises the prediction first.)
+
+    Args:
+        pred: ``(h, w)`` prediction as in :func:`score_image`.
+        gt: ``(H, W)`` ground truth.
+        ratio: band width as a fraction of the image diagonal.
+
+    Returns:
+        ``(256,)`` float64 in [0, 1], by ascending threshold.
+    """
+    pred8, gt_mask = _prepare(pred, gt)
+    dilation = biou_dilation(*gt_mask.shape, ratio=ratio)
+    gt_boundary = mask_boundary(gt_mask, dilation)
+    values = pred8.astype(np.int16)
+    lowest = _erode_zero_padded(values, dilation, -1)
+    on_boundary = lowest < values  # pixels on some threshold's boundary: thresholds lowest + 1 .. value
+    start, stop = lowest[on_boundary] + 1, values[on_boundary] + 1
+    inside = gt_boundary[on_boundary]
+    bins = NUM_THRESHOLDS + 1
+
+    def sizes(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        steps = np.bincount(first, minlength=bins) - np.bincount(last, minlength=bins)
+        return np.cumsum(steps)[:NUM_THRESHOLDS].astype(np.float64)
+
+    pred_sizes = sizes(start, stop)
+    intersections = sizes(start[inside], stop[inside])
+    unions = float(gt_boundary.sum()) + pred_sizes - intersections
+    return np.divide(intersections, unions, out=np.ones(NUM_THRESHOLDS), where=unions > 0)
+
+
+def score_extra(pred: np.ndarray, gt: np.ndarray, names: Iterable[str]) -> ExtraScores:
+    """The extra metrics ``names`` (keys of :data:`EXTRA_METRICS`) of one pair.
+
+    ``mse``: :func:`mse`; ``mba``: :func:`mean_boundary_accuracy`; ``biou``: :func:`boundary_iou_curve`
+    (per set, ``maxBIoU`` and ``meanBIoU`` are the max and mean of the image-averaged curve, as the F-measure).
+
+    Args:
+        pred: ``(h, w)`` prediction as in :func:`score_image`.
+        gt: ``(H, W)`` ground truth.
+        names: which metrics.
+
+    Raises:
+        ValueError: an unknown name, or maps as :func:`score_image` refuses.
+    """
+    names = check_extra_names(names)
+    return ExtraScores(
+        mse=mse(pred, gt) if "mse" in names else None,
+        mba=mean_boundary_accuracy(pred, gt) if "mba" in names else None,
+        biou_curve=boundary_iou_curve(pred, gt) if "biou" in names else None,
+    )
+
+
+def extra_metrics(pred: np.ndarray, gt: np.ndarray, names: Iterable[str]) -> dict[str, float]:
+    """The extra metrics of one pair as ``{"MSE", "mBA", "maxBIoU", "meanBIoU"}`` (those asked for).
+
+    Args:
+        pred: ``(h, w)`` prediction as in :func:`score_image`.
+        gt: ``(H, W)`` ground truth.
+        names: keys of :data:`EXTRA_METRICS`.
+    """
+    return score_extra(pred, gt, names).values()
+
+
+def reduce_extra(scores: Sequence[ExtraScores]) -> dict[str, float]:
+    """Set values of the extra metrics every image has: ``MSE`` (mean), ``mBA`` (mean over the images whose
+    ground truth has a boundary; absent when none has), ``maxBIoU``/``meanBIoU`` (max/mean of the mean curve)."""
+    out: dict[str, float] = {}
+    if scores and all(s.mse is not None for s in scores):
+        out["MSE"] = float(np.mean([s.mse for s in scores]))
+    if scores and all(s.mba is not None for s in scores):
+        defined = [s.mba for s in scores if s.mba is not None and not np.isnan(s.mba)]
+        if defined:
+            out["mBA"] = float(np.mean(defined))
+    if scores and all(s.biou_curve is not None for s in scores):
+        curve = np.mean(np.stack([s.biou_curve for s in scores]), axis=0)  # type: ignore[misc]
+        out["maxBIoU"], out["meanBIoU"] = float(curve.max()), float(curve.mean())
+    return out

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from birefnet.losses.composite import (
     LOSS_PRESETS,
+    MATTING_WEIGHTS,
     PAPER_WEIGHTS,
     REGION_WEIGHTS,
     BiRefNetLoss,
     loss_weights,
 )
-from birefnet.losses.terms import BCELoss, ClassificationLoss, GradientLoss, IoULoss, MAELoss, SSIMLoss, ssim
+from birefnet.losses.terms import (
+    BCELoss,
+    ClassificationLoss,
+    GradientLoss,
+    IoULoss,
+    MAELoss,
+    MSELoss,
+    SSIMLoss,
+    ssim,
+)
 
 __all__ = [
     "LOSS_PRESETS",
+    "MATTING_WEIGHTS",
     "PAPER_WEIGHTS",
     "REGION_WEIGHTS",
     "BCELoss",
@@ -21,6 +32,7 @@ __all__ = [
     "GradientLoss",
     "IoULoss",
     "MAELoss",
+    "MSELoss",
     "SSIMLoss",
     "loss_weights",
     "ssim",

@@ -2,15 +2,17 @@
 
 ``BiRefNetLoss(output, target)`` returns ``(total, parts)``:
 
-* region terms (BCE, IoU, SSIM, optionally MAE) on **every** supervised map (stage logits at strides
+* region terms (BCE, IoU, SSIM, optionally MAE and MSE) on **every** supervised map (stage logits at strides
   32/16/8 and the final logits), each resized to the target size (bilinear, ``align_corners=True``);
   the weighted terms are summed over maps with no per-stage weighting;
 * the auxiliary classification CE when the output carries class logits and labels are given;
 * the outward-reference gradient loss, summed over the three stages.
 
 Weights are explicit constructor arguments; ``PAPER_WEIGHTS`` (BCE 30, IoU 0.5, SSIM 10, CE 5, gradient 1)
-is the main training stage and ``REGION_WEIGHTS`` the region-level-only fine-tuning stage (BCE off).
-Upstream halves the IoU weight every fine-tuning epoch in place; here a stage's weights are constant.
+is the main training stage, ``REGION_WEIGHTS`` the region-level-only fine-tuning stage (BCE off) and
+``MATTING_WEIGHTS`` upstream's Matting task (BCE 30, MAE 100, SSIM 10; IoU off, soft alpha targets).
+Upstream changes weights in place every fine-tuning epoch (IoU x0.5, or for Matting MSE and SSIM x0.9); here the
+module's weights are set from outside: the training schedule computes each epoch's (``train.stages[].decay``).
 """
 
 from __future__ import annotations
@@ -21,19 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from birefnet.losses.terms import BCELoss, ClassificationLoss, GradientLoss, IoULoss, MAELoss, SSIMLoss
+from birefnet.losses.terms import BCELoss, ClassificationLoss, GradientLoss, IoULoss, MAELoss, MSELoss, SSIMLoss
 from birefnet.models.birefnet import BiRefNetOutput
 
 #: Main stage (paper defaults for DIS5K).
-PAPER_WEIGHTS: dict[str, float] = {"bce": 30.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "ce": 5.0, "gradient": 1.0}
+PAPER_WEIGHTS: dict[str, float] = {
+    "bce": 30.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "mse": 0.0, "ce": 5.0, "gradient": 1.0}
 #: Fine-tuning stage: region-level terms only (no pixel-level BCE).
-REGION_WEIGHTS: dict[str, float] = {"bce": 0.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "ce": 5.0, "gradient": 1.0}
-LOSS_PRESETS: dict[str, dict[str, float]] = {"paper": PAPER_WEIGHTS, "region": REGION_WEIGHTS}
-REGION_TERMS = ("bce", "iou", "ssim", "mae")
+REGION_WEIGHTS: dict[str, float] = {
+    "bce": 0.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "mse": 0.0, "ce": 5.0, "gradient": 1.0}
+#: Upstream's 'Matting' task (upstream-spec §6): no IoU, MAE 100 on the soft alpha; no class labels.
+MATTING_WEIGHTS: dict[str, float] = {
+    "bce": 30.0, "iou": 0.0, "ssim": 10.0, "mae": 100.0, "mse": 0.0, "ce": 0.0, "gradient": 1.0}
+LOSS_PRESETS: dict[str, dict[str, float]] = {
+    "paper": PAPER_WEIGHTS, "region": REGION_WEIGHTS, "matting": MATTING_WEIGHTS}
+REGION_TERMS = ("bce", "iou", "ssim", "mae", "mse")
 
 
 def loss_weights(preset: str = "paper", **overrides: float) -> dict[str, float]:
-    """A weights dict from a preset name (``paper`` or ``region``) with per-term overrides."""
+    """A weights dict from a preset name (``paper``, ``region`` or ``matting``) with per-term overrides."""
     if preset not in LOSS_PRESETS:
         raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
     unknown = set(overrides) - set(PAPER_WEIGHTS)
@@ -52,6 +60,8 @@ class BiRefNetLoss(nn.Module):
         mae: weight of the mean absolute error (per map; 0 in the paper's DIS setting).
         ce: weight of the auxiliary classification cross-entropy.
         gradient: weight of the outward-reference gradient loss (summed over stages).
+        mse: weight of the mean squared error (per map; 0 in every upstream task, a matting option). Last, so
+            positional calls written before it existed keep their meaning.
     """
 
     def __init__(
@@ -62,9 +72,10 @@ class BiRefNetLoss(nn.Module):
         mae: float = 0.0,
         ce: float = 5.0,
         gradient: float = 1.0,
+        mse: float = 0.0,
     ) -> None:
         super().__init__()
-        weights = {"bce": bce, "iou": iou, "ssim": ssim, "mae": mae, "ce": ce, "gradient": gradient}
+        weights = {"bce": bce, "iou": iou, "ssim": ssim, "mae": mae, "mse": mse, "ce": ce, "gradient": gradient}
         negative = {k: v for k, v in weights.items() if v < 0}
         if negative:
             raise ValueError(f"loss weights must be >= 0, given {negative}")
@@ -75,6 +86,7 @@ class BiRefNetLoss(nn.Module):
                 "iou": IoULoss(),
                 "ssim": SSIMLoss(),
                 "mae": MAELoss(),
+                "mse": MSELoss(),
                 "ce": ClassificationLoss(),
                 "gradient": GradientLoss(),
             }
@@ -97,7 +109,8 @@ class BiRefNetLoss(nn.Module):
 
         Returns:
             The fp32 scalar total and the weighted contribution of every active term (``bce``, ``iou``,
-            ``ssim``, ``mae``, ``ce``, ``gradient``; a term with weight 0 is absent); the total is their sum.
+            ``ssim``, ``mae``, ``mse``, ``ce``, ``gradient``; a term with weight 0 is absent); the total is their
+            sum.
         """
         with torch.autocast(target.device.type, enabled=False):
             target = target.float()

@@ -146,6 +146,16 @@ class MAELoss(nn.Module):
             return (torch.sigmoid(logits) - target).abs().mean()
 
 
+class MSELoss(nn.Module):
+    """Mean squared error between the sigmoid and the target (upstream's 'mse'; a matting term on soft alphas)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) logits and targets -> scalar."""
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, target = _fp32(logits, target.clamp(0, 1))
+            return (torch.sigmoid(logits) - target).square().mean()
+
+
 class ClassificationLoss(nn.Module):
     """Cross-entropy of the auxiliary class head; samples labelled ``ignore_index`` (-1: no class) are skipped."""
 

@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from birefnet.stages.common import StageInputError, add_params_args, run_stage
 
 log = logging.getLogger("birefnet.evaluate")
 
-IMAGE_KEYS = ("Sm", "MAE", "wF", "adpF", "adpE", "HCE")
+IMAGE_KEYS = ("Sm", "MAE", "wF", "adpF", "adpE", "HCE", "MSE", "mBA", "maxBIoU", "meanBIoU")
 PLOT_KINDS = ("pr", "fmeasure", "emeasure", "png")  # the evaluate.plots subfolders dvc.yaml declares
 
 
@@ -77,8 +77,9 @@ def _init_worker() -> None:
 class _Scorer:
     """Scores ``(pred, gt)`` pairs in order, in this process (``workers == 1``) or in a process pool."""
 
-    def __init__(self, workers: int, hce: bool) -> None:
+    def __init__(self, workers: int, hce: bool, extra_metrics: Sequence[str] = ()) -> None:
         self.hce = hce
+        self.extra = tuple(extra_metrics)
         self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
             # forkserver: the parent holds torch (threads, maybe CUDA), which must not be forked
@@ -90,8 +91,8 @@ class _Scorer:
         from birefnet.evaluation.metrics import score_image
 
         if self.pool is None:
-            return score_image(pred, gt, hce=self.hce)
-        return self.pool.submit(score_image, pred, gt, hce=self.hce)
+            return score_image(pred, gt, hce=self.hce, extra=self.extra)
+        return self.pool.submit(score_image, pred, gt, hce=self.hce, extra=self.extra)
 
     @staticmethod
     def result(handle: Any) -> Any:
@@ -108,6 +109,8 @@ def image_record(key: str, scores: Any) -> dict[str, Any]:
                               "adpF": scores.adp_fm, "adpE": scores.adp_em}
     if scores.hce is not None:
         record["HCE"] = scores.hce
+    if scores.extra is not None:
+        record.update(scores.extra.values())
     return record
 
 
@@ -141,7 +144,8 @@ def predict(model: Any, loader: Iterable[dict[str, Any]], *, device: Any, precis
 
 def evaluate_sets(model: Any, loaders: Mapping[str, Iterable[dict[str, Any]]], *, device: Any,
                   precision: str = "auto", hce: bool = True, workers: int = 1, hard_samples: int = 0,
-                  hard_by: str = "Sm", progress: bool = False) -> dict[str, SetEvaluation]:
+                  hard_by: str = "Sm", progress: bool = False, extra_metrics: Sequence[str] = ()
+                  ) -> dict[str, SetEvaluation]:
     """Predict and score every set; inference overlaps with scoring in ``workers`` processes.
 
     Args:
@@ -154,6 +158,8 @@ def evaluate_sets(model: Any, loaders: Mapping[str, Iterable[dict[str, Any]]], *
         hard_samples: report candidates kept per set.
         hard_by: hardness metric (``Sm``, ``wF``, ``MAE``, ``HCE``).
         progress: tqdm bars.
+        extra_metrics: names of ``birefnet.evaluation.metrics.EXTRA_METRICS`` (``evaluate.extra_metrics``) to add
+            to every set's metrics and every image's record.
 
     Returns:
         Per set, its :class:`SetEvaluation`. Ground truth is ``mask_original`` when the batch has it, else the
@@ -163,7 +169,7 @@ def evaluate_sets(model: Any, loaders: Mapping[str, Iterable[dict[str, Any]]], *
 
     if hard_by == "HCE" and not hce:
         raise ValueError("hard_by HCE needs hce on")
-    scorer = _Scorer(workers, hce)
+    scorer = _Scorer(workers, hce, extra_metrics)
     out: dict[str, SetEvaluation] = {}
     try:
         for set_name, loader in loaders.items():
@@ -344,7 +350,7 @@ def run(params: Params, progress: bool = False) -> dict[str, Any]:
     log.info("evaluating %s on %s (%s) with %d metric process(es)", ep.model, ", ".join(loaders), device, ep.workers)
     evaluations = evaluate_sets(model, loaders, device=device, precision=ep.precision, hce=ep.hce,
                                 workers=ep.workers, hard_samples=ep.hard_samples, hard_by=ep.hard_by,
-                                progress=progress)
+                                progress=progress, extra_metrics=ep.extra_metrics)
     meta = {
         "model": str(ep.model),
         # sha256 of the model file's bytes that were scored: `birefnet register` refuses metrics of other weights

@@ -317,3 +317,21 @@ def test_evaluate_killed_while_publishing_then_rerun(evaluated: Path, tmp_path: 
     _outputs_agree(ws, ws / "models" / "model.safetensors")
     assert sorted(p.name for p in (ws / "metrics").iterdir()) == ["eval.json", "plots"]
     assert sorted(p.name for p in (ws / "metrics" / "plots").iterdir()) == ["emeasure", "fmeasure", "png", "pr"]
+
+
+def test_extra_metrics_reach_eval_json_and_the_per_image_csv(workspace: Path) -> None:
+    from birefnet.evaluation.metrics import EXTRA_METRIC_KEYS
+    from birefnet.stages.evaluate import main
+
+    with _cwd(workspace):
+        assert main(["--params", "params.yaml", "-q", "--set", "evaluate.extra_metrics=[mse, mba, biou]",
+                     "--set", "evaluate.out=metrics/eval_extra.json"]) == 0
+    report = json.loads((workspace / "metrics" / "eval_extra.json").read_text())
+    for name, pairs in _predictions(workspace).items():
+        metrics = report["sets"][name]
+        assert list(metrics) == ["n", *METRIC_KEYS, *EXTRA_METRIC_KEYS]
+        expected = score_set(pairs, extra=["mse", "mba", "biou"]).metrics
+        assert metrics == pytest.approx(expected, rel=1e-12, abs=1e-12), name
+    assert all(key in report["mean"] for key in EXTRA_METRIC_KEYS)
+    header = (workspace / "reports" / "eval" / "per_image.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header.endswith(",MSE,mBA,maxBIoU,meanBIoU"), header

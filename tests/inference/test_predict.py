@@ -333,3 +333,85 @@ def test_registered_model_uri_loads_the_safetensors_inside(tiny_model_file: Path
                            progress=False)
     assert report.ok and len(report.masks) == 1
     assert np.asarray(Image.open(report.masks[0])).shape == (20, 30)
+
+
+# ------------------------------------------------------------------------------- --refine-foreground, fp16
+
+
+def test_refine_foreground_cutout_recovers_a_known_foreground() -> None:
+    """A warm object over a cool background with a soft edge: the refined cut-out loses the background's tint."""
+    from tests.inference.test_foreground import composite
+
+    image, foreground, _, alpha = composite()
+    image8, mask = np.rint(image * 255).astype(np.uint8), np.rint(alpha * 255).astype(np.uint8)
+    plain, refined = make_cutout(image8, mask), make_cutout(image8, mask, refine_foreground=True)
+    assert refined.dtype == np.uint8 and refined.shape == (*mask.shape, 4)
+    np.testing.assert_array_equal(refined[..., 3], mask)
+    soft = (mask > 12) & (mask < 243)
+    plain_error = np.abs(plain[..., :3] / 255 - foreground)[soft].mean()
+    refined_error = np.abs(refined[..., :3] / 255 - foreground)[soft].mean()
+    assert refined_error < 0.4 * plain_error
+    opaque = mask == 255
+    assert np.abs(refined[..., :3][opaque].astype(int) - image8[opaque]).max() <= 1  # alpha 1 keeps the pixel
+
+
+def test_cli_refine_foreground_writes_estimated_colours(tiny_model_file: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from birefnet.foreground import estimate_foreground
+
+    image = _rgb(33, 47, 9)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    common = [str(tmp_path / "a.png"), "--model", str(tiny_model_file), "--size", *map(str, TEST_SIZE),
+              "--device", "cpu", "--no-progress", "-q"]
+    assert main([*common, "--out", str(tmp_path / "out"), "--refine-foreground"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    cutout = np.asarray(Image.open(tmp_path / "out" / "a_cutout.png"))
+    np.testing.assert_array_equal(cutout[..., 3], mask)
+    np.testing.assert_array_equal(cutout[..., :3], estimate_foreground(image, mask))
+    assert (cutout[..., :3] != image).any()  # the tiny model's soft mask changes colours
+    # refining needs cut-outs: a usage error (exit 2), nothing written
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--out", str(tmp_path / "none"), "--refine-foreground", "--no-cutout"])
+    assert exc.value.code == 2 and "--no-cutout" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_fp16_is_refused_off_cuda_with_exit_2(tiny_model_file: Path, tiny_model: BiRefNet, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """fp16 autocast is CUDA-only: on the CPU predict refuses it (no silent fallback to another precision)."""
+    Image.fromarray(_rgb(20, 30)).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "--model", str(tiny_model_file), "--out", str(tmp_path / "out"),
+            "--size", *map(str, TEST_SIZE), "--device", "cpu", "--precision", "fp16", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "fp16 needs a CUDA device" in err and "fp32 or bf16" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        predict_images(tiny_model, [_rgb(20, 30)], TEST_SIZE, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_images(tiny_model, [_rgb(20, 30)], TEST_SIZE, device="cpu", precision="fp8")
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_matches_fp32(tiny_model_file: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu lane needs a CUDA device (torch.cuda.is_available() is False)")
+    from birefnet.models.io import load_model
+    from birefnet.predict import inference_autocast
+
+    model = load_model(tiny_model_file, device="cuda")
+    images = [_rgb(50, 70, 1), _rgb(90, 30, 2)]
+    with torch.inference_mode(), inference_autocast(torch.device("cuda"), "fp16"):
+        logits = model(torch.zeros(1, 3, TEST_SIZE[1], TEST_SIZE[0], device="cuda")).logits
+    assert logits.dtype == torch.float16  # the forward really ran under fp16 autocast
+    half = predict_images(model, images, TEST_SIZE, device="cuda", precision="fp16")
+    full = predict_images(model, images, TEST_SIZE, device="cuda", precision="fp32")
+    for a, b, image in zip(half, full, images, strict=True):
+        assert a.shape == image.shape[:2]
+        difference = np.abs(a.astype(int) - b.astype(int))
+        assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    assert main([str(tmp_path / "a.png"), "--model", str(tiny_model_file), "--out", str(tmp_path / "out"),
+                 "--size", *map(str, TEST_SIZE), "--device", "cuda", "--precision", "fp16", "--refine-foreground",
+                 "--no-progress", "-q"]) == 0
+    assert (tmp_path / "out" / "a_cutout.png").is_file()
