@@ -108,12 +108,28 @@ def read_model_params(path: str | Path) -> ModelParams:
     """
     metadata = read_metadata(path)
     if PARAMS_KEY not in metadata:
+        if _has_upstream_keys(path):
+            raise ModelFileError(f"{path}: upstream BiRefNet's key layout (bb.*, squeeze_module.*, decoder.*; a "
+                                 "Hugging Face model.safetensors): convert it first with `birefnet convert-upstream "
+                                 f"{path} OUT.safetensors`, or pass it to train.init_from, which converts it")
         raise ModelFileError(f"{path}: no {PARAMS_KEY!r} metadata; not written by birefnet save_model (an upstream "
-                             "BiRefNet .pth converts with `birefnet convert-upstream`)")
+                             "BiRefNet .pth or model.safetensors converts with `birefnet convert-upstream`)")
     try:
         return ModelParams.model_validate(json.loads(metadata[PARAMS_KEY]))
     except (json.JSONDecodeError, ValidationError) as exc:
         raise ModelFileError(f"{path}: metadata {PARAMS_KEY!r} is not valid model params: {exc}") from None
+
+
+def _has_upstream_keys(path: str | Path) -> bool:
+    """Whether a readable safetensors file holds upstream BiRefNet's key names (read from the header only)."""
+    from birefnet.models.convert import checkpoint_layout
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+        return checkpoint_layout(dict.fromkeys(keys), {}) == "upstream"
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> BiRefNet:

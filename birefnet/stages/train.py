@@ -85,8 +85,13 @@ def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | No
     import mlflow
 
     from birefnet.tracking import ensure_experiment, flatten, git_commit
+    from birefnet.training.init import InitWeightsError, with_init_model_params
     from birefnet.training.trainer import fit, run_name_for
 
+    try:  # model.* from train.init_from's file, and conflicting params refused, before Ray starts
+        params = with_init_model_params(params)
+    except InitWeightsError as exc:
+        raise StageInputError(str(exc)) from None
     digest = data_digest(params)
     uri, experiment_id = ensure_experiment(params.tracking)
     name = run_name_for(params, digest)

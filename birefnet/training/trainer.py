@@ -60,6 +60,25 @@ def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimi
     return kind(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay, fused=fused or None)
 
 
+def ddp_options(freeze_encoder_epochs: int | str, start_epoch: int) -> dict[str, Any]:
+    """DDP keyword arguments (``prepare_model``'s ``parallel_strategy_kwargs``) for the encoder freeze.
+
+    DDP fixes at wrap time which parameters it all-reduces: those with ``requires_grad``. Frozen for the whole
+    run (``all``), the encoder is frozen before wrapping and stays out. Frozen for the first K epochs only, it
+    must be wrapped trainable, or after the unfreeze every rank would train its own encoder, unsynchronised;
+    while frozen its parameters then get no gradient, which DDP accepts only with ``find_unused_parameters``
+    (a walk over the autograd graph each step; kept after the unfreeze, as DDP cannot be re-wrapped safely in
+    place). A run resumed at or after epoch K needs neither.
+
+    Args:
+        freeze_encoder_epochs: ``train.freeze_encoder_epochs`` (0, K or ``all``).
+        start_epoch: first epoch this process trains (after a resume, the checkpoint's epoch + 1).
+    """
+    if freeze_encoder_epochs != "all" and start_epoch < int(freeze_encoder_epochs):
+        return {"find_unused_parameters": True}
+    return {}
+
+
 #: GPU memory presets: (gradient checkpointing, largest per-GPU batch at 1024x1024 with bf16).
 MEMORY_PRESETS: dict[str, tuple[bool, int]] = {"24gb": (True, 2), "40gb": (True, 4), "80gb": (False, 4)}
 
@@ -99,8 +118,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from birefnet.stages.common import setup_logging
     from birefnet.training.checkpoint import load_training_state, save_training_state
     from birefnet.training.criterion import build_criterion
-    from birefnet.training.engine import evaluate, native_cpu_bf16, recalibrate_batchnorm, train_one_epoch
-    from birefnet.training.init import initialize_weights
+    from birefnet.training.engine import (
+        encoder_of,
+        evaluate,
+        native_cpu_bf16,
+        recalibrate_batchnorm,
+        set_encoder_frozen,
+        train_one_epoch,
+    )
+    from birefnet.training.init import initialize_weights, tracking_uri_for, with_init_model_params
     from birefnet.training.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
 
     os.chdir(config["cwd"])
@@ -114,7 +140,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and device.type == "cpu" and train.precision == "bf16" and not native_cpu_bf16():
         log.warning("train.precision bf16 on a CPU without native bf16 kernels (AVX512-BF16/AMX) is emulated and "
                     "slower than fp32; set train.precision: fp32 (or auto) on this machine")
+    if train.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.precision fp16 needs a CUDA device, this worker trains on {device}; use fp32 or bf16")
+    # fp16's narrow exponent range needs loss scaling (bf16 has fp32's and does not); the scaler is checkpointed
+    scaler = torch.amp.GradScaler(device.type) if train.precision == "fp16" else None
 
+    if train.init_from:  # the weights file fixes model.* (the stage already checked params against it and logged)
+        params = with_init_model_params(params, announce=False)
     model_params = apply_memory_preset(params)
     model = build_model(model_params)
     if train.channels_last:
@@ -126,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_training_state(folder, model=model, optimizer=optimizer, scaler=None)
+            state = load_training_state(folder, model=model, optimizer=optimizer, scaler=scaler)
         start_epoch = int(state["epoch"]) + 1
         global_step = int(state["global_step"])
         history = list(state["history"])
@@ -136,10 +168,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed from %s at epoch %d (stage %s)", rank, checkpoint.path, start_epoch,
                  state.get("stage"))
     elif train.init_from:
-        report = initialize_weights(model, train.init_from)
+        report = initialize_weights(model, train.init_from, tracking_uri_for(params.tracking))
         if rank == 0:
             log.info("initialised weights from %s: %s", train.init_from, report.summary())
-    model = ray.train.torch.prepare_model(model)
+    if train.freeze_encoder_epochs == "all":  # frozen before wrapping: out of DDP's buckets (see ddp_options)
+        set_encoder_frozen(model, True)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs=ddp_options(train.freeze_encoder_epochs, start_epoch))
+    if train.freeze_encoder_epochs and rank == 0:
+        log.info("encoder frozen %s (%d parameter tensors: no gradient, no optimiser state, eval mode)",
+                 "for the whole run" if train.freeze_encoder_epochs == "all"
+                 else f"for epochs 0-{train.freeze_encoder_epochs - 1}", len(list(encoder_of(model).parameters())))
     if train.compile:
         if device.type == "cuda":
             model = torch.compile(model)
@@ -174,13 +213,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # precise BN on rank 0 only: its statistics are the ones validated and checkpointed, and DDP broadcasts
         # rank 0's buffers to the other ranks at the next forward
         recent = deque(maxlen=train.bn_recalibration) if rank == 0 and train.bn_recalibration else None
+        if train.freeze_encoder_epochs:  # a function of the epoch: a resumed run freezes what it froze before
+            set_encoder_frozen(model, at.encoder_frozen)
         metrics = train_one_epoch(model, train_loader, optimizer, criterion, device=device, weights=at.weights,
                                   supervise=at.stage.supervise, lr=at.lr, precision=train.precision,
                                   grad_clip=train.grad_clip, on_step=on_step, channels_last=train.channels_last,
-                                  size=at.stage.size, recent=recent)
+                                  size=at.stage.size, recent=recent, size_at=schedule.size_at(epoch), scaler=scaler,
+                                  freeze_encoder=at.encoder_frozen)
         if recent:
             recalibrate_batchnorm(model, list(recent), device=device, precision=train.precision,
-                                  channels_last=train.channels_last)
+                                  channels_last=train.channels_last,
+                                  exclude=[encoder_of(model)] if at.encoder_frozen else ())
         global_step += len(train_loader)
         record: dict[str, Any] = {"epoch": epoch, "stage": at.stage.name, "stage_index": at.index, "lr": at.lr,
                                   "global_step": global_step, **{f"train_{k}": v for k, v in metrics.items()}}
@@ -194,10 +237,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for key in ("Sm", "MAE", "maxF", "wF", "meanE"):
                 record[f"val_{key}"] = sum(v[key] for v in per_set.values()) / len(per_set)
         if rank == 0:
-            log.info("epoch %d/%d [%s%s] loss %.4f (%s) %.1f samples/s%s", epoch + 1, schedule.total_epochs,
-                     at.stage.name, " at {}x{}".format(*at.stage.size) if at.stage.size else "", metrics["loss"],
+            log.info("epoch %d/%d [%s%s%s] loss %.4f (%s) %.1f samples/s%s%s", epoch + 1, schedule.total_epochs,
+                     at.stage.name, _size_note(at.stage), ", encoder frozen" if at.encoder_frozen else "",
+                     metrics["loss"],
                      ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_")),
                      metrics["samples_per_s"] * world,
+                     f" | {int(metrics['skipped_steps'])} steps skipped (inf/NaN gradients), grad scale "
+                     f"{metrics['grad_scale']:g}" if "skipped_steps" in metrics else "",
                      f" | val S {record['val_Sm']:.4f} MAE {record['val_MAE']:.4f}" if "val_Sm" in record else "")
         if "val_Sm" in record and record["val_Sm"] >= best.get("val_Sm", float("-inf")):
             best = {"epoch": epoch, **{k: v for k, v in record.items() if k.startswith("val_")}}
@@ -223,12 +269,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              "global_step": global_step, "loader_epoch": epoch + 1, "history": history,
                              "best": best, "rng": rng_state(), "params": config["params"]}
                     save_training_state(tmp, model=model, model_params=model_params, optimizer=optimizer,
-                                        scaler=None, state=state,
+                                        scaler=scaler, state=state,
                                         extra={"birefnet.data.size": "{},{}".format(*params.data.size)})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report_metrics, checkpoint=ckpt)
         else:
             ray.train.report(report_metrics, checkpoint=None)
+
+
+def _size_note(stage: Any) -> str:
+    """`` at WxH`` / `` at dynamic WxH ranges`` for the epoch log line; empty at ``data.size``."""
+    if stage.dynamic_size is not None:
+        (min_w, max_w), (min_h, max_h) = stage.dynamic_size
+        return f" at dynamic {min_w}-{max_w}x{min_h}-{max_h}"
+    return " at {}x{}".format(*stage.size) if stage.size else ""
 
 
 def _write_probe(folder: Path, rank: int, epoch: int, model: torch.nn.Module, node_id: str) -> None:

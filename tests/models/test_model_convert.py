@@ -1,5 +1,6 @@
-"""Published-checkpoint compatibility: manifests of upstream's swin_v1_t / swin_v1_l state dicts and the
-``convert-upstream`` round trip."""
+"""Published-checkpoint compatibility: manifests of upstream's swin_v1_t / swin_v1_l state dicts (dumped by running
+upstream) and pvt_v2_b2 (derived from upstream's source, ``tests/helpers/upstream_manifest.py``), and the
+``convert-upstream`` round trip from a release ``.pth`` and from a Hugging Face ``model.safetensors``."""
 
 from __future__ import annotations
 
@@ -8,26 +9,43 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from birefnet.config import ModelParams, ParamsError
-from birefnet.models import build_model, load_model
-from birefnet.models.convert import convert_key, convert_state_dict, infer_model_params, main, resolve_params
+from birefnet.models import build_model, load_model, save_model
+from birefnet.models.convert import (
+    convert_key,
+    convert_state_dict,
+    infer_model_params,
+    main,
+    read_checkpoint,
+    resolve_params,
+)
 from birefnet.models.io import read_model_params
+from tests.helpers.upstream_manifest import (
+    PVT_V2,
+    decoder_shape,
+    derive_pvt_v2_manifest,
+    lateral_channels,
+    random_upstream_state,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-REFERENCES = (REPO / "shared" / "reference", REPO.parent / "shared" / "reference")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def manifest(variant: str) -> dict:
-    for folder in REFERENCES:
-        path = folder / f"upstream_state_dict_{variant}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    pytest.skip(f"manifest upstream_state_dict_{variant}.json not found in {[str(f) for f in REFERENCES]}")
+    """An upstream state-dict manifest from tests/fixtures (copied from ../shared/reference, plus pvt_v2_b2)."""
+    return json.loads((FIXTURES / f"upstream_state_dict_{variant}.json").read_text(encoding="utf-8"))
 
 
 def meta_state(doc: dict) -> dict[str, torch.Tensor]:
     return {k: torch.empty(shape, device="meta") for k, shape in doc["keys"].items()}
+
+
+@pytest.fixture(scope="module")
+def swin_t_upstream() -> dict[str, torch.Tensor]:
+    return random_upstream_state(manifest("swin_v1_t"))
 
 
 @pytest.mark.parametrize("variant", ["swin_v1_t", "swin_v1_l"])
@@ -90,19 +108,8 @@ def test_convert_key(upstream: str, ours: str | None) -> None:
     assert convert_key(key) == ours
 
 
-def test_convert_upstream_cli_round_trip(tmp_path: Path) -> None:
-    doc = manifest("swin_v1_t")
-    generator = torch.Generator().manual_seed(0)
-    upstream = {}
-    for key, shape in doc["keys"].items():
-        if key.endswith("num_batches_tracked"):
-            upstream[key] = torch.tensor(3)
-        elif key.endswith("relative_position_index"):
-            upstream[key] = torch.zeros(shape, dtype=torch.long)
-        elif key.endswith("running_var"):
-            upstream[key] = torch.rand(shape, generator=generator) + 0.5
-        else:
-            upstream[key] = torch.randn(shape, generator=generator) * 0.02
+def test_convert_upstream_cli_round_trip(tmp_path: Path, swin_t_upstream: dict[str, torch.Tensor]) -> None:
+    upstream = swin_t_upstream
     source = tmp_path / "BiRefNet_lite-epoch_1.pth"
     torch.save({"module." + k: v for k, v in upstream.items()}, source)
     target = tmp_path / "converted.safetensors"
@@ -130,3 +137,130 @@ def test_overrides_must_be_model_keys() -> None:
 
 def test_cli_missing_file(tmp_path: Path) -> None:
     assert main([str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("upstream", "ours"),
+    [
+        ("bb.patch_embed1.proj.weight", "encoder.model.patch_embed.proj.weight"),
+        ("bb.patch_embed2.norm.bias", "encoder.model.stages_1.downsample.norm.bias"),
+        ("bb.patch_embed4.proj.weight", "encoder.model.stages_3.downsample.proj.weight"),
+        ("bb.block1.0.attn.sr.weight", "encoder.model.stages_0.blocks.0.attn.sr.weight"),
+        ("bb.block3.5.attn.kv.bias", "encoder.model.stages_2.blocks.5.attn.kv.bias"),
+        ("bb.block4.2.mlp.dwconv.dwconv.weight", "encoder.model.stages_3.blocks.2.mlp.dwconv.weight"),
+        ("bb.norm1.weight", "encoder.model.stages_0.norm.weight"),
+        ("bb.norm4.bias", "encoder.model.stages_3.norm.bias"),
+        ("decoder.ipt_blk5.conv1.weight", "decoder.image_blocks.0.conv_in.weight"),
+    ],
+)
+def test_convert_key_pvt_v2(upstream: str, ours: str) -> None:
+    assert convert_key(upstream, "pvt_v2") == ours
+
+
+def test_swin_and_pvt_output_norms_differ() -> None:
+    """Swin's bb.norm0..3 are the extra output norms; PVT's bb.norm1..4 are the stage norms timm keeps."""
+    assert convert_key("bb.norm1.weight", "swin") == "encoder.norms.1.weight"
+    assert convert_key("bb.norm1.weight", "pvt_v2") == "encoder.model.stages_0.norm.weight"
+
+
+@pytest.mark.parametrize("variant", ["swin_v1_t", "swin_v1_l"])
+def test_decoder_shape_formulas_reproduce_the_reference_manifests(variant: str) -> None:
+    """The formulas the pvt_v2_b2 manifest is derived with give upstream's own decoder shapes for both Swin
+    manifests, starting from swin_v1_t's (so they are checked against upstream's output, not our model)."""
+    reference, target = manifest("swin_v1_t"), manifest(variant)
+    channels = lateral_channels(target)
+    decoder = {k: s for k, s in target["keys"].items() if not k.startswith("bb.")}
+    assert list(decoder) == [k for k in reference["keys"] if not k.startswith("bb.")]
+    assert {k: decoder_shape(k, reference["keys"][k], channels) for k in decoder} == decoder
+
+
+def test_pvt_v2_b2_fixture_is_the_derived_manifest() -> None:
+    doc = manifest("pvt_v2_b2")
+    assert doc == json.loads(json.dumps(derive_pvt_v2_manifest("pvt_v2_b2", manifest("swin_v1_t"))))
+    assert doc["config"]["lateral_channels_in_collection"] == [1024, 640, 256, 128]  # [512, 320, 128, 64] x2 (cat)
+    assert round(doc["num_params"] / 1e6, 1) == 39.7  # upstream-spec §2: pvt_v2_b2 BiRefNet, 39.7M parameters
+
+
+def test_pvt_v2_b2_manifest_converts_strictly_on_meta() -> None:
+    doc = manifest("pvt_v2_b2")
+    upstream = meta_state(doc)
+    inferred = infer_model_params(upstream)
+    assert ModelParams(**inferred) == ModelParams(encoder="pvt_v2_b2")  # upstream's default decoder config
+    with torch.device("meta"):
+        model = build_model(ModelParams(**inferred))
+    converted = convert_state_dict(upstream)
+    ours = model.state_dict()
+    assert sorted(set(ours) - set(converted)) == []
+    assert sorted(set(converted) - set(ours)) == []
+    assert [k for k in ours if tuple(ours[k].shape) != tuple(converted[k].shape)] == []
+    model.load_state_dict(converted, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == doc["num_params"]
+    assert len(converted) == len(upstream)  # PVT-v2 has no buffer that timm drops
+
+
+@pytest.mark.parametrize("variant", sorted(PVT_V2))
+def test_infer_model_params_pvt_v2_variants(variant: str) -> None:
+    doc = derive_pvt_v2_manifest(variant, manifest("swin_v1_t"))
+    upstream = meta_state(doc)
+    assert infer_model_params(upstream)["encoder"] == variant
+    with torch.device("meta"):
+        model = build_model(ModelParams(encoder=variant))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in convert_state_dict(upstream).items()} == ours
+
+
+def test_infer_rejects_unknown_pvt_depths() -> None:
+    doc = derive_pvt_v2_manifest("pvt_v2_b2", manifest("swin_v1_t"))
+    upstream = {k: v for k, v in meta_state(doc).items() if not k.startswith("bb.block3.5.")}
+    with pytest.raises(ValueError, match=r"depths \[3, 4, 5, 3\]"):
+        infer_model_params(upstream)
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "dtype"),
+    [("model.safetensors", "", torch.float16), ("weights.bin", "birefnet.", torch.float32)],
+    ids=["hugging-face-fp16", "other-extension-shared-prefix"],
+)
+def test_convert_upstream_reads_safetensors_by_content(
+    tmp_path: Path, swin_t_upstream: dict[str, torch.Tensor], name: str, prefix: str, dtype: torch.dtype
+) -> None:
+    """A Hugging Face model.safetensors (upstream key names, fp16 here) converts like the .pth; the format is read
+    from the file, so another extension or a prefix shared by every key does not matter."""
+    stored = {prefix + k: v.to(dtype) if v.is_floating_point() else v for k, v in swin_t_upstream.items()}
+    source = tmp_path / name
+    save_file(stored, str(source), metadata={"format": "pt"})
+    target = tmp_path / "converted.safetensors"
+    assert main([str(source), str(target)]) == 0
+
+    assert read_model_params(target) == ModelParams(encoder="swin_v1_t")
+    with safe_open(str(target), framework="pt") as handle:
+        assert handle.metadata()["birefnet.source_format"] == "upstream-safetensors"
+        stored_dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys()}
+    assert stored_dtypes == {"F32", "I64"}  # fp16 weights are widened: training keeps float32 master weights
+    state = load_model(target).state_dict()
+    expected = convert_state_dict({k: v for k, v in stored.items()})
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert state[key].dtype == (torch.float32 if value.is_floating_point() else value.dtype), key
+        assert torch.equal(state[key], value.float() if value.is_floating_point() else value), key
+
+
+def test_convert_upstream_refuses_our_own_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = ModelParams(encoder="test_convnext", attention="none", multiscale_input="none")
+    ours = save_model(build_model(params), params, tmp_path / "ours.safetensors")
+    assert read_checkpoint(ours, shapes_only=True).layout == "birefnet"
+    assert main([str(ours), str(tmp_path / "again.safetensors")]) == 3
+    err = capsys.readouterr().err
+    assert "already a birefnet checkpoint" in err and "needs no conversion" in err
+    assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_convert_upstream_rejects_foreign_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights", encoding="utf-8")
+    assert main([str(text), str(tmp_path / "a.safetensors")]) == 3
+    assert "neither a torch.save file" in capsys.readouterr().err
+    other = tmp_path / "model.safetensors"
+    save_file({"features.0.weight": torch.zeros(2, 2)}, str(other))
+    assert main([str(other), str(tmp_path / "b.safetensors")]) == 3
+    assert "not a BiRefNet state dict" in capsys.readouterr().err

@@ -55,6 +55,19 @@ def test_load_rejects_foreign_file(tmp_path: Path) -> None:
         birefnet.load_model(path)
 
 
+def test_load_names_convert_upstream_for_an_upstream_safetensors(tmp_path: Path) -> None:
+    """A Hugging Face model.safetensors has upstream's key names and no params: say how to use it."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"bb.patch_embed.proj.weight": torch.zeros(2, 3, 4, 4), "squeeze_module.0.conv_in.weight":
+               torch.zeros(1), "decoder.decoder_block4.conv_in.weight": torch.zeros(1)}, str(path),
+              metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="convert-upstream") as info:
+        birefnet.load_model(path)
+    assert "upstream BiRefNet's key layout" in str(info.value) and str(path) in str(info.value)
+
+
 def test_encoder_weights_from_local_file(tmp_path: Path) -> None:
     reference = timm.create_model("test_convnext", pretrained=False)
     path = tmp_path / "test_convnext.pth"
