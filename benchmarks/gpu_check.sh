@@ -4,7 +4,9 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: gpu-check/
 #
 # 1. the gpu test lane (`make test-gpu`): one training step per precision and deformable kernel on CUDA, and
-#    the compiled model (TorchInductor) against eager mode, forward and backward;
+#    the compiled model (TorchInductor) against eager mode, forward and backward; train.precision fp16 with its
+#    GradScaler (tests/training/test_fp16_scaler.py: the epoch loop, skipped steps, scaler resumed from a
+#    checkpoint; tests/training/test_train_features_ray.py: the train stage on Ray with a restart);
 # 2. benchmarks/model_step.py for swin_v1_t at 1024x1024, batch 2, forward and training step: fp32 and bf16
 #    autocast, channels_last, then bf16 + torch.compile; both deformable kernels side by side in each run;
 # 3. benchmarks/train_scaling.py --gpu: Ray Train samples/s with 1 and 2 workers. Only with 2 or more GPUs:

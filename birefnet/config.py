@@ -145,7 +145,9 @@ class ModelParams(Frozen):
         "basic", description="block that maps the fused deepest features back to the encoder width"
     )
     squeeze_depth: int = Field(1, ge=1, le=4, description="number of squeeze blocks")
-    decoder_block: Literal["basic", "residual"] = "basic"
+    decoder_block: Literal["basic", "residual", "vanilla"] = Field(
+        "basic", description="basic | residual (both carry the attention) | vanilla: the ResNet basic block the "
+        "paper's Table 1 baseline decodes with, before the reconstruction block replaces it (attention none)")
     attention: Literal["none", "aspp", "aspp_deformable"] = Field(
         "aspp_deformable", description="attention inside every decoder block (aspp_deformable = reconstruction block)"
     )
@@ -186,6 +188,11 @@ class ModelParams(Frozen):
             raise ValueError(
                 "outward_reference needs multistage_supervision (its gradient labels are masked by the stage "
                 "predictions); set both true or outward_reference false"
+            )
+        if self.decoder_block == "vanilla" and self.attention != "none" and self.attention_strides:
+            raise ValueError(
+                f"decoder_block 'vanilla' (the ablation baseline's plain residual block) has no attention, but "
+                f"attention is {self.attention!r} at strides {list(self.attention_strides)}; set attention none"
             )
         if len(set(self.attention_strides)) != len(self.attention_strides):
             raise ValueError(f"attention_strides lists a stride twice: {list(self.attention_strides)}")
@@ -261,11 +268,12 @@ class LossWeights(Frozen):
     iou: Annotated[float, Field(ge=0)] = 0.5
     ssim: Annotated[float, Field(ge=0)] = 10.0
     mae: Annotated[float, Field(ge=0)] = 0.0
+    mse: Annotated[float, Field(ge=0)] = 0.0
     ce: Annotated[float, Field(ge=0)] = 5.0
     gradient: Annotated[float, Field(ge=0)] = 1.0
 
 
-LossTerm = Literal["bce", "iou", "ssim", "mae", "ce", "gradient"]
+LossTerm = Literal["bce", "iou", "ssim", "mae", "mse", "ce", "gradient"]
 
 
 class TrainStageParams(Frozen):
@@ -284,6 +292,26 @@ class TrainStageParams(Frozen):
     supervise: Literal["all", "final"] = "all"
     size: TrainingSize | None = Field(
         None, description="train this stage's batches at (width, height), resized in the loop; null = data.size")
+    dynamic_size: tuple[tuple[PositiveInt, PositiveInt], tuple[PositiveInt, PositiveInt]] | None = Field(
+        None, description="[[min_width, max_width], [min_height, max_height]] (bounds multiples of 32): each batch "
+                          "is resized in the loop to a random multiple of 32 in these ranges (upstream's "
+                          "dynamic_size), a function of (train.seed, epoch, step), so every DDP rank draws the "
+                          "same; exclusive with size; null = off")
+
+    @model_validator(mode="after")
+    def _dynamic_size_ranges(self) -> TrainStageParams:
+        if self.dynamic_size is None:
+            return self
+        if self.size is not None:
+            raise ValueError(f"stage {self.name!r}: size {list(self.size)} and dynamic_size "
+                             f"{[list(r) for r in self.dynamic_size]} are mutually exclusive; set one")
+        for axis, (low, high) in zip(("width", "height"), self.dynamic_size, strict=True):
+            if low % 32 or high % 32:
+                raise ValueError(f"stage {self.name!r}: dynamic_size {axis} bounds must be multiples of 32 (the "
+                                 f"decoder's patch grid), got [{low}, {high}]")
+            if low > high:
+                raise ValueError(f"stage {self.name!r}: dynamic_size {axis} range [{low}, {high}] has min > max")
+        return self
 
 
 def _paper_stages() -> list[TrainStageParams]:
@@ -316,7 +344,9 @@ class TrainParams(Frozen):
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     stages: list[TrainStageParams] = Field(default_factory=_paper_stages, min_length=1)
     seed: int = 7
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU; fp16 = fp16 autocast with a GradScaler (CUDA GPUs "
+                            "without bf16; needs use_gpu)")
     compile: bool = False
     channels_last: bool = False
     memory_preset: Literal["none", "24gb", "40gb", "80gb"] = "none"
@@ -328,6 +358,10 @@ class TrainParams(Frozen):
         0, description="before each validation, recompute BatchNorm statistics over this many of the epoch's "
                        "last training images at data.size with the final weights (0 = off: running averages)")
     init_from: str | None = None
+    freeze_encoder_epochs: NonNegativeInt | Literal["all"] = Field(
+        0, description="encoder parameters take no gradient and no optimiser state, and the encoder runs in eval "
+                       "mode (BatchNorm statistics fixed), during the first K epochs (global, 0-based: epochs < K) "
+                       "or the whole run ('all'); 0 = off")
 
     @field_validator("stages")
     @classmethod
@@ -337,6 +371,22 @@ class TrainParams(Frozen):
         if dupes:
             raise ValueError(f"stage names must be unique, repeated: {dupes}")
         return v
+
+    @field_validator("freeze_encoder_epochs", mode="before")
+    @classmethod
+    def _freeze_encoding(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"freeze_encoder_epochs is a number of epochs >= 0 (0 = off) or 'all' (the whole run), "
+                             f"got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> TrainParams:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 (autocast fp16 + GradScaler) is for CUDA GPUs without bf16 and needs "
+                             "use_gpu: true; a CPU has no fast fp16 kernels (emulated, many times slower than "
+                             "fp32): use fp32, or bf16 on a CPU with native bf16")
+        return self
 
     @property
     def total_epochs(self) -> int:
@@ -399,6 +449,9 @@ class EvaluateParams(Frozen):
     hard_by: Literal["Sm", "MAE", "wF", "HCE"] = Field("Sm", description="hardness: lowest Sm/wF, highest MAE/HCE")
     crops: NonNegativeInt = Field(2, description="zoomed detail crops per report sample")
     crop_fraction: Annotated[float, Field(gt=0, le=1)] = Field(0.25, description="crop side / shorter image side")
+    extra_metrics: list[Literal["mse", "mba", "biou"]] = Field(
+        default_factory=list, description="metrics beyond the DIS suite: mse (MSE on the soft mask), mba (mean "
+        "boundary accuracy), biou (maxBIoU and meanBIoU); see birefnet/evaluation/metrics.py")
 
 
 # --------------------------------------------------------------------------------------------- serving

@@ -22,7 +22,13 @@ Criterion = Callable[[Any, dict[str, Any], LossWeights, str], tuple[torch.Tensor
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when asked for (``auto`` = bf16 on CUDA, fp32 elsewhere); a no-op context otherwise."""
+    """Autocast for ``precision`` on ``device``: a no-op context for ``fp32``.
+
+    ``auto`` is bf16 on CUDA and fp32 elsewhere; ``bf16`` and ``fp16`` autocast to that type on any device (fp16
+    training needs a ``torch.amp.GradScaler``, see :func:`train_one_epoch`; on a CPU fp16 kernels are emulated).
+    """
+    if precision == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return contextlib.nullcontext()
@@ -53,6 +59,32 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``encoder`` submodule of ``model`` (inside a DDP or compile wrapper).
+
+    Raises:
+        AttributeError: the model has no ``encoder`` submodule.
+    """
+    module = _unwrap(model)
+    encoder = getattr(module, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise AttributeError(f"{type(module).__name__} has no `encoder` submodule to freeze")
+    return encoder
+
+
+def set_encoder_frozen(model: torch.nn.Module, frozen: bool) -> int:
+    """Set ``requires_grad = not frozen`` on every encoder parameter; return how many there are.
+
+    A parameter without ``requires_grad`` gets no ``.grad``, and Adam/AdamW skip parameters whose gradient is
+    None: they are not updated (no weight decay either) and no ``exp_avg``/``exp_avg_sq`` state is created for
+    them. Unfreezing lets the optimiser create that state at the next step, as for a fresh parameter.
+    """
+    params = list(encoder_of(model).parameters())
+    for p in params:
+        p.requires_grad_(not frozen)
+    return len(params)
+
+
 def resize_batch(batch: dict[str, Any], size: Sequence[int]) -> dict[str, Any]:
     """``batch`` with ``image``, ``mask`` and ``gradient`` resized to ``size`` = (width, height).
 
@@ -78,7 +110,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
                     precision: str = "auto", grad_clip: float | None = None,
                     on_step: Callable[[int, dict[str, float]], None] | None = None,
                     progress: Any = None, channels_last: bool = False, size: Sequence[int] | None = None,
-                    recent: deque[torch.Tensor] | None = None) -> dict[str, float]:
+                    recent: deque[torch.Tensor] | None = None, size_at: Callable[[int], Sequence[int]] | None = None,
+                    scaler: torch.amp.GradScaler | None = None, freeze_encoder: bool = False) -> dict[str, float]:
     """Train for one pass of ``loader``.
 
     Args:
@@ -91,7 +124,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
         weights: loss weights of the active schedule stage.
         supervise: ``all`` (stage outputs and final) or ``final``.
         lr: learning rate for this epoch.
-        precision: ``auto``, ``fp32`` or ``bf16`` (forward under autocast; losses in fp32).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (forward under autocast; losses in fp32).
         grad_clip: max global gradient norm, or None.
         on_step: called after every step with (step, parts).
         progress: optional tqdm-like object with ``update()``.
@@ -99,24 +132,42 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
         size: train at (width, height): each batch is resized first (:func:`resize_batch`); None = as loaded.
         recent: if given, each batch's images as loaded (before ``size``) are appended, so a bounded deque
             ends holding the epoch's last images (for :func:`recalibrate_batchnorm`).
+        size_at: train step ``i`` at ``size_at(i)`` = (width, height) (a stage's ``dynamic_size`` draws);
+            exclusive with ``size``.
+        scaler: AMP grad scaler (fp16): the loss is scaled before backward, gradients are unscaled before
+            clipping, and a step whose gradients hold inf/NaN is skipped (the scaler lowers its scale). None =
+            plain backward and step.
+        freeze_encoder: set ``requires_grad`` off on the encoder (:func:`set_encoder_frozen`) and run it in
+            eval mode, so its BatchNorm statistics stay fixed and dropout/drop-path are off. False leaves
+            ``requires_grad`` as it is.
 
     Returns:
-        Means over the epoch: ``loss`` and ``loss_<part>``, plus ``samples``, ``seconds``, ``samples_per_s``.
+        Means over the epoch: ``loss`` and ``loss_<part>``, plus ``samples``, ``seconds``, ``samples_per_s``;
+        with a scaler also ``skipped_steps`` (steps not applied for inf/NaN gradients) and ``grad_scale`` (the
+        scale at the end of the epoch).
 
     Raises:
-        FloatingPointError: the loss became NaN or infinite (with the step number).
+        FloatingPointError: the loss became NaN or infinite (with the step number). A scaler cannot help there:
+            the forward itself overflowed, and every following step would be skipped too.
+        ValueError: both ``size`` and ``size_at`` given.
     """
+    if size is not None and size_at is not None:
+        raise ValueError("give size or size_at, not both")
     model.train()
+    if freeze_encoder:
+        set_encoder_frozen(model, True)
+        encoder_of(model).eval()
     for group in optimizer.param_groups:
         group["lr"] = lr
     sums: dict[str, float] = {}
-    steps = samples = 0
+    steps = samples = skipped = 0
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         if recent is not None:
             recent.extend(batch["image"].unbind(0))
-        if size is not None:
-            batch = resize_batch(batch, size)
+        step_size = size_at(step) if size_at is not None else size
+        if step_size is not None:
+            batch = resize_batch(batch, step_size)
         image = _to(batch, "image", device, channels_last)
         gradient = _to(batch, "gradient", device)
         with autocast_for(device, precision):
@@ -125,10 +176,22 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
         if not math.isfinite(float(total.detach())):
             raise FloatingPointError(f"loss is {float(total)} at step {step} (parts: {parts})")
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is None:
+            total.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        else:
+            scaler.scale(total).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the (all-reduced, so every rank's) gradients hold inf/NaN
+            scaler.update()
+            if scaler.get_scale() < scale:  # update() backs off only after a skipped step
+                skipped += 1
+                log.debug("step %d skipped: inf/NaN gradients at loss scale %g", step, scale)
         parts = {"loss": float(total.detach()), **parts}
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -142,12 +205,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable[dict[str, Any]], op
     out = {k if k == "loss" else (k if k.startswith("loss_") else f"loss_{k}"): v / max(1, steps)
            for k, v in sums.items()}
     out.update(samples=float(samples), seconds=seconds, samples_per_s=samples / max(seconds, 1e-9))
+    if scaler is not None:
+        out.update(skipped_steps=float(skipped), grad_scale=float(scaler.get_scale()))
     return out
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor], *, device: torch.device,
-                          chunk: int = 16, precision: str = "auto", channels_last: bool = False) -> int:
+                          chunk: int = 16, precision: str = "auto", channels_last: bool = False,
+                          exclude: Sequence[torch.nn.Module] = ()) -> int:
     """Replace every BatchNorm layer's running statistics by their values over ``images`` (precise BN).
 
     The running averages a layer keeps while training (momentum 0.1) describe the last few batches under
@@ -155,13 +221,16 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor]
     even when the weights barely change. Here the inference path (every module in eval mode except the
     BatchNorm layers) runs over ``images`` in chunks and each layer keeps the average of the chunks' batch
     statistics. Weights are untouched, and the training-mode forward never reads these statistics, so the
-    training trajectory does not change.
+    training trajectory does not change. BatchNorm layers inside ``exclude`` (a frozen encoder) keep their
+    statistics and run in eval mode.
 
     Returns:
         The number of BatchNorm layers recalibrated (0 when the model has none or ``images`` is empty).
     """
     module = _unwrap(model)
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    excluded = {id(m) for part in exclude for m in part.modules()}
+    norms = [m for m in module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in excluded]
     if not norms or not images:
         return 0
     was_training = module.training

@@ -178,7 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if train.freeze_encoder_epochs and rank == 0:
         log.info("encoder frozen %s (%d parameter tensors: no gradient, no optimiser state, eval mode)",
                  "for the whole run" if train.freeze_encoder_epochs == "all"
-                 else f"for epochs 0-{train.freeze_encoder_epochs - 1}", len(list(encoder_of(model).parameters())))
+                 else f"for the first {train.freeze_encoder_epochs} epoch(s)",
+                 len(list(encoder_of(model).parameters())))
     if train.compile:
         if device.type == "cuda":
             model = torch.compile(model)
