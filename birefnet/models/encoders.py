@@ -11,7 +11,8 @@ Two kinds, one contract: ``forward(image)`` returns four NCHW feature maps at st
   encoder equal upstream's at any input size, not only at sizes whose stages are window multiples.
   Window attention runs through ``F.scaled_dot_product_attention`` (:class:`SdpaWindowAttention`; timm fuses
   it only behind an experimental switch), with the relative-position bias and the shift mask as one
-  ``(nW, heads, N, N)`` additive mask shared by the images of a batch, never copied per image.
+  ``(nW, heads, N, N)`` additive mask shared by the images of a batch, never copied per image. CPU training
+  keeps the stated softmax, which is faster there.
 * any other timm model name: ``timm.create_model(name, features_only=True)`` with the levels at strides
   4..32 (e.g. ``pvt_v2_b0``, ``convnext_atto``, ``test_convnext``).
 
@@ -48,14 +49,26 @@ MASK_VALUE = -100.0
 class SdpaWindowAttention(WindowAttention):
     """timm's window attention computed by ``F.scaled_dot_product_attention``; same parameters and outputs.
 
-    The stated path (``softmax(q k^T * scale + bias + mask) v``, timm's unfused code) stays available with
-    ``fused = False`` (tests compare both). The additive mask is never copied per image: unshifted blocks pass
-    the ``(1, heads, N, N)`` position bias, which broadcasts; shifted blocks build one ``(nW, heads, N, N)``
+    The stated path (``softmax(q k^T * scale + bias + mask) v``, timm's unfused code) gives the same values
+    (tests compare both). The additive mask is never copied per image: unshifted blocks pass the
+    ``(1, heads, N, N)`` position bias, which broadcasts; shifted blocks build one ``(nW, heads, N, N)``
     bias-plus-shift mask and attend image by image. The calls stay 4-D because PyTorch's fused CPU kernel
     takes 4-D inputs only (a 5-D call falls back to the unfused maths, about 1.5x slower than this).
+
+    ``fused``: True (SDPA), False (stated) or None (the default, "auto"): SDPA except when training on a CPU.
+    There the mask carries the learnable position bias and needs a gradient, which PyTorch's fused CPU kernel
+    does not give, so SDPA runs its reference maths: 3-4 % slower than the stated path for Swin-T at 512 and
+    36 % for Swin-L at 512 (``benchmarks/swin_attention.py``). On CUDA the memory-efficient kernel takes the
+    mask gradient, and CPU inference runs the fused kernel (5-15 % faster for Swin-T).
     """
 
-    fused: bool = True
+    fused: bool | None = None
+
+    def _use_sdpa(self, x: torch.Tensor) -> bool:
+        if self.fused is not None:
+            return self.fused
+        needs_mask_grad = torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad
+        return not (x.device.type == "cpu" and needs_mask_grad)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend within windows.
@@ -67,7 +80,7 @@ class SdpaWindowAttention(WindowAttention):
         Returns:
             ``(B * nW, N, C)``.
         """
-        if not self.fused:
+        if not self._use_sdpa(x):
             return self._stated(x, mask)
         windows, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -201,8 +214,8 @@ class SwinEncoder(Encoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def set_fused_attention(self, enable: bool = True) -> None:
-        """Window attention through SDPA (default) or as stated (softmax of explicit scores)."""
+    def set_fused_attention(self, enable: bool | None = None) -> None:
+        """Window attention through SDPA (True), as stated (False), or by device and autograd (None, default)."""
         for stage in self.model.layers:
             for block in stage.blocks:
                 block.attn.fused = enable

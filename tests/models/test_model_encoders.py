@@ -109,3 +109,34 @@ def test_swin_sdpa_equals_stated_attention_values_and_gradients() -> None:
     for name, grad in fused_grads.items():
         scale = stated_grads[name].abs().max().item()
         assert (grad - stated_grads[name]).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+
+
+def test_swin_attention_auto_uses_sdpa_except_for_cpu_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default (auto): CPU training keeps the stated softmax (SDPA would run its slower reference maths there,
+    the mask needing a gradient); CPU inference and a frozen bias go through SDPA."""
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    encoder = SwinEncoder("swin_v1_t").train()
+    image = torch.randn(1, 3, 64, 64)
+    encoder(image)
+    assert calls == []
+    with torch.no_grad():
+        encoder(image)
+    assert len(calls) == 12
+    calls.clear()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    encoder(image)
+    assert len(calls) == 12
+    calls.clear()
+    encoder.set_fused_attention(True)
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    encoder(image)
+    assert len(calls) == 12
