@@ -5,9 +5,9 @@ Each configuration runs in a fresh subprocess (clean peak-memory accounting), wi
     python benchmarks/model_step.py --encoder swin_v1_t --sizes 512,1024 --threads 2 --impls torchvision,sampling
 
 On CUDA, ``--device cuda --dtype bf16 --channels-last --compile`` select the GPU options (``--channels-last``
-applies on CPU too); the Swin encoder's window attention goes through ``F.scaled_dot_product_attention``
-(``birefnet.models.encoders.SdpaWindowAttention``; ``benchmarks/swin_attention.py`` compares it with the stated
-softmax path).
+applies on CPU too); the Swin encoder's window attention goes through ``F.scaled_dot_product_attention`` on
+CUDA and without autograd, the stated softmax when training on a CPU (``SdpaWindowAttention``;
+``benchmarks/swin_attention.py`` compares both).
 The table reports medians over ``--repeats`` timed steps (after ``--warmup``) and, per size and mode, the
 ratio of every implementation's time to the first one listed in ``--impls``. A configuration that fails (out of
 memory, no CUDA device) shows its error in its row, and the script then exits with status 1.
