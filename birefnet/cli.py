@@ -18,10 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("birefnet.stages.train", "train BiRefNet with Ray Train (staged schedule, checkpoints)"),
     "evaluate": ("birefnet.stages.evaluate", "score a model or prediction folders with the paper's metrics"),
     "register": ("birefnet.stages.register", "register the model in MLflow behind the promotion gate"),
-    "convert-upstream": ("birefnet.models.convert", "convert a published BiRefNet .pth to our safetensors"),
+    "convert-upstream": ("birefnet.models.convert", "convert published BiRefNet weights (.pth, HF safetensors)"),
     "predict": ("birefnet.predict", "predict masks and RGBA cut-outs for images at original resolution"),
     "export": ("birefnet.export", "export a model to ONNX and check parity"),
     "promote": ("birefnet.registry", "move the champion alias by hand (with the gate's checks)"),
+    "ablate": ("birefnet.ablate", "run the paper's ablation table rows as DVC experiments, write their table"),
 }
 
 
@@ -37,7 +38,8 @@ def _usage() -> str:
     ]
     for name, (_, summary) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {summary}")
-    lines += ["", "Run 'birefnet COMMAND --help' for the options of one command."]
+    lines += ["", "Run 'birefnet COMMAND --help' for the options of one command; 'birefnet --version' prints the "
+              "version."]
     return "\n".join(lines)
 
 
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from birefnet import __version__
+
+        print(f"birefnet {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

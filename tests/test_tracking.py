@@ -48,6 +48,7 @@ def test_ensure_experiment_survives_losing_the_creation_race(tmp_path, monkeypat
     from birefnet.config import TrackingParams
     from birefnet.tracking import ensure_experiment
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # another test may have pointed it elsewhere
     tracking = TrackingParams(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "art"),
                               experiment="raced")
     winner = mlflow.MlflowClient(tracking.uri).create_experiment("raced")

@@ -64,7 +64,8 @@ class BiRefNet(nn.Module):
         context_levels: number of shallow levels (0-3) resized and concatenated to the deepest one.
         squeeze_block: ``basic``, ``residual`` or ``none``.
         squeeze_depth: number of squeeze blocks.
-        decoder_block: ``basic`` or ``residual``.
+        decoder_block: ``basic`` or ``residual`` (carry the attention), or ``vanilla``: the plain ResNet basic
+            block the paper's Table 1 baseline decodes with (needs ``attention='none'``).
         attention: ``none``, ``aspp`` or ``aspp_deformable`` inside the decoder/squeeze blocks.
         attention_strides: strides of the blocks that get the attention (squeeze blocks: 32; decoder blocks:
             32, 16, 8, 4); the others get none.
@@ -88,7 +89,7 @@ class BiRefNet(nn.Module):
         context_levels: int = 3,
         squeeze_block: Literal["basic", "residual", "none"] = "basic",
         squeeze_depth: int = 1,
-        decoder_block: Literal["basic", "residual"] = "basic",
+        decoder_block: Literal["basic", "residual", "vanilla"] = "basic",
         attention: AttentionKind = "aspp_deformable",
         attention_strides: Sequence[int] = (4, 8, 16, 32),
         decoder_inter_channels: Literal["fixed", "adaptive"] = "fixed",

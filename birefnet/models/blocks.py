@@ -1,6 +1,7 @@
 """Building blocks of the BiRefNet decoder (Zheng et al., CAAI AIR 2024).
 
-Decoder blocks (basic and residual), the two ASPP variants used as attention inside them (the deformable
+Decoder blocks (basic and residual, and the vanilla residual block of the paper's ablation baseline), the two
+ASPP variants used as attention inside them (the deformable
 one with 1x1/3x3/7x7 receptive fields and a global-pool branch is the paper's reconstruction block), the
 lateral 1x1 block and the two-convolution block that embeds image patches for the inward reference.
 
@@ -216,7 +217,39 @@ class ResidualDecoderBlock(BasicDecoderBlock):
         return super().forward(x) + self.conv_residual(x)
 
 
+class VanillaResidualBlock(nn.Module):
+    """The ResNet basic block (He et al., CVPR 2016): the decoder block of the paper's ablation baseline.
+
+    BiRefNet Sec. 3.2 uses "reconstruction block (RB) in each BiRef block as a replacement for the vanilla
+    residual blocks"; Table 1's baseline decodes with these. Two 3x3 convolutions at the output width, a 1x1
+    convolution + BN projection shortcut when the widths differ (identity otherwise), ReLU after the sum. It has
+    no inner width and no attention: it is what the reconstruction block replaces.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W) -> (B, out, H, W)."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
 DECODER_BLOCKS: dict[str, type[BasicDecoderBlock]] = {"basic": BasicDecoderBlock, "residual": ResidualDecoderBlock}
+#: Every decoder block name ``make_decoder_block`` accepts.
+DECODER_BLOCK_KINDS = (*DECODER_BLOCKS, "vanilla")
 
 
 def make_decoder_block(
@@ -226,10 +259,20 @@ def make_decoder_block(
     inter_channels: Literal["fixed", "adaptive"] = "fixed",
     attention: AttentionKind = "aspp_deformable",
     deform_impl: DeformImpl = "auto",
-) -> BasicDecoderBlock:
-    """Build a decoder block by name (``basic`` or ``residual``); inner width 64 or ``in_channels // 4``."""
+) -> nn.Module:
+    """Build a decoder block by name; inner width 64 or ``in_channels // 4``.
+
+    ``basic`` and ``residual`` carry the attention (``aspp_deformable`` makes them the reconstruction block);
+    ``vanilla`` is the plain ResNet basic block of the ablation baseline and takes neither attention nor inner
+    width, so asking it for an attention is an error rather than a silently ignored argument.
+    """
+    if kind == "vanilla":
+        if attention != "none":
+            raise ValueError(f"the vanilla residual block has no attention: given attention {attention!r}, "
+                             "expected 'none' (or leave this block's stride out of attention_strides)")
+        return VanillaResidualBlock(in_channels, out_channels)
     if kind not in DECODER_BLOCKS:
-        raise ValueError(f"decoder block must be one of {sorted(DECODER_BLOCKS)}, given {kind!r}")
+        raise ValueError(f"decoder block must be one of {list(DECODER_BLOCK_KINDS)}, given {kind!r}")
     width = 64 if inter_channels == "fixed" else max(in_channels // 4, 1)
     return DECODER_BLOCKS[kind](in_channels, out_channels, width, attention, deform_impl)
 

@@ -71,7 +71,7 @@ class Decoder(nn.Module):
 
     Args:
         channels: encoder channels after context fusion/squeeze, deepest first ``(C0, C1, C2, C3)``.
-        decoder_block: ``basic`` or ``residual``.
+        decoder_block: ``basic``, ``residual`` or ``vanilla`` (the ResNet basic block of the ablation baseline).
         attention: attention inside the decoder blocks.
         attention_strides: strides of the blocks that get it (block ``i`` works at stride ``32 / 2**i``).
         inter_channels: ``fixed`` (64) or ``adaptive`` (in_channels // 4) inner width.
