@@ -38,14 +38,14 @@ from typing import Any
 
 import yaml
 
-from birefnet.config import ParamsError, load_params, params_to_dict
+from birefnet.config import ParamsError, load_params, params_to_dict, parse_override
+from birefnet.offline import offline_env
 from birefnet.stages.common import EXIT_BAD_INPUT, EXIT_BAD_PARAMS
 
 #: The pipeline stage every experiment runs up to (its upstream stages included; ``register`` never runs).
 TARGET_STAGE = "evaluate"
 
 #: Keys of ``offline.env`` whose relative values are paths in the repository.
-OFFLINE_PATH_KEYS = ("PREFECT_HOME", "PYTHONPATH")
 
 #: The paper's DIS columns: (header, key in ``eval.json["mean"]``, higher is better).
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -187,19 +187,8 @@ def hydra_value(value: Any) -> str:
 
 
 def _parse_sets(sets: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for text in sets:
-        if "=" not in text:
-            raise ParamsError(f"--set {text!r}: expected KEY.PATH=VALUE")
-        key, raw = text.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise ParamsError(f"--set {text!r}: empty key path")
-        try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
-    return out
+    """``--set KEY.PATH=VALUE`` strings as ``{dotted key: value}``, parsed like every params override."""
+    return {".".join(path): value for path, value in map(parse_override, sets)}
 
 
 def isolation_overrides(folder: Path) -> dict[str, Any]:
@@ -283,19 +272,11 @@ def experiment_env(root: Path) -> dict[str, str]:
     """
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    offline = root / "offline.env"
-    if offline.is_file():
-        for line in offline.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line or line.startswith("#") or "=" not in line:
-                continue
-            key, value = line.split("=", 1)
-            if key in OFFLINE_PATH_KEYS and not os.path.isabs(value):
-                value = str(root / value)
-            if key == "PYTHONPATH":
-                paths += [value] if value not in paths else []
-            else:
-                env.setdefault(key, value)
+    for key, value in offline_env(root).items():
+        if key == "PYTHONPATH":
+            paths += [value] if value not in paths else []
+        else:
+            env.setdefault(key, value)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *(p for p in paths if p != str(root))])
     env.pop("MLFLOW_TRACKING_URI", None)
     bin_dir = str(Path(sys.executable).parent)
