@@ -40,11 +40,19 @@ def is_wildcard(ip: str) -> bool:
 
 
 def _describe(proc: psutil.Process) -> str:
+    """The process title Ray sets (``ray::...``), or the executable's file name (``gcs_server``, ``raylet``).
+
+    An absolute argv[0] is cut to its file name: the checkout's path varies (a CI clone lives deeper than a
+    work tree), and a prefix cut of the full path lost the very names the tests look for.
+    """
     try:
         cmdline = proc.cmdline()
-        return (cmdline[0] if cmdline else proc.name())[:80]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "?"
+    first = cmdline[0] if cmdline else proc.name()
+    if first.startswith("/") and " " not in first:
+        first = os.path.basename(first)
+    return first[:120]
 
 
 def process_tree(roots: list[int]) -> dict[int, str]:
