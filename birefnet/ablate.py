@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from birefnet.config import ParamsError, load_params, params_to_dict, parse_override
-from birefnet.offline import offline_env
+from birefnet.offline import merge_offline_env, offline_env
 from birefnet.stages.common import EXIT_BAD_INPUT, EXIT_BAD_PARAMS
 
 #: The pipeline stage every experiment runs up to (its upstream stages included; ``register`` never runs).
@@ -271,12 +271,8 @@ def experiment_env(root: Path) -> dict[str, str]:
     * ``MLFLOW_TRACKING_URI`` is dropped: it would override every experiment's own ``tracking.uri``.
     """
     env = dict(os.environ)
+    merge_offline_env(env, offline_env(root))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    for key, value in offline_env(root).items():
-        if key == "PYTHONPATH":
-            paths += [value] if value not in paths else []
-        else:
-            env.setdefault(key, value)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *(p for p in paths if p != str(root))])
     env.pop("MLFLOW_TRACKING_URI", None)
     bin_dir = str(Path(sys.executable).parent)

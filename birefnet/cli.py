@@ -7,7 +7,10 @@ file only dispatches, importing the module lazily so ``birefnet --help`` stays f
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from birefnet.offline import apply_offline_env, find_repo, offline_env
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,8 +42,25 @@ def _usage() -> str:
     for name, (_, summary) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {summary}")
     lines += ["", "Run 'birefnet COMMAND --help' for the options of one command; 'birefnet --version' prints the "
-              "version."]
+              "version;", "'birefnet env' prints the offline switches (offline.env) every command applies."]
     return "\n".join(lines)
+
+
+def _print_env(argv: list[str]) -> int:
+    """``birefnet env``: the offline switches as a command sees them once :func:`main` has applied them."""
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: birefnet env\n\nPrint the offline.env switches (telemetry off, servers on loopback) as every "
+              "birefnet command sees them:\nvalues already in the environment win, the rest come from the "
+              "repository's offline.env.")
+        return 0
+    root = find_repo()
+    if root is None:
+        print("# no offline.env found (not in a checkout): nothing applied")
+        return 0
+    print(f"# {root / 'offline.env'}")
+    for key in offline_env(root):
+        print(f"{key}={os.environ.get(key, '(unset)')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"birefnet {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    # before any command imports Ray, MLflow or Prefect: `dvc repro` in a plain shell gets the switches too
+    apply_offline_env()
+    if name == "env":
+        return _print_env(rest)
     if name not in COMMANDS:
         print(f"birefnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2

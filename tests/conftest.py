@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from birefnet.offline import offline_env
+from birefnet.offline import apply_offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-for _k, _v in offline_env(REPO).items():
-    if _k == "PYTHONPATH" and os.environ.get(_k):
-        if _v not in os.environ[_k].split(os.pathsep):
-            os.environ[_k] = _v + os.pathsep + os.environ[_k]
-    else:
-        os.environ.setdefault(_k, _v)
+apply_offline_env(REPO)
 
 
 @pytest.fixture(scope="session")
