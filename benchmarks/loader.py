@@ -10,6 +10,9 @@ full passes with ``--workers`` DataLoader workers, side by side on the same data
 * ``shard loader``: :func:`birefnet.data.loader.make_train_loader` on the shards, same augmentations (OpenCV).
 * ``shard loader, uint8 out``: the same with ``normalize=False`` (the float conversion left to the GPU).
 * ``shard loader, no augmentation``: what decoding and batching alone cost.
+* ``shard loader, s3`` (with ``--s3``): the ``shard loader`` row streaming the same shards from an S3 bucket
+  (``--s3-url s3://bucket/prefix`` with the usual AWS variables, or by default a local moto server started and
+  stopped by this process): what object storage costs next to local disk.
 * ``decode ceiling``: the same workers only decoding the shards' image and mask members (already in memory), no
   augmentation, no transfer of pixels: the most any loader can deliver from these shards on this many workers.
 
@@ -18,11 +21,14 @@ Every row is the steady-state rate of a full pass (first batch to last), passes 
 Usage::
 
     python benchmarks/loader.py --samples 64 --repeats 3
+    python benchmarks/loader.py --samples 64 --repeats 5 --s3     # adds the s3 row (local moto server)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -41,8 +47,13 @@ from torch.utils.data import DataLoader, Dataset
 from birefnet.data.loader import make_train_loader
 from birefnet.data.shards import SplitIndex
 from birefnet.data.transforms import AugmentConfig
+from birefnet.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 UPSTREAM_AUGMENT = ("flip", "enhance", "rotate", "pepper")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_originals(root: Path, count: int, width: int, height: int, seed: int = 0) -> Path:
@@ -68,7 +79,8 @@ def make_originals(root: Path, count: int, width: int, height: int, seed: int = 
         cv2.imwrite(str(gt / f"{key}.png"), mask)
         lines.append({"set": "DIS-TR", "split": "train", "key": key, "image": str(im / f"{key}.jpg"),
                       "mask": str(gt / f"{key}.png"), "width": width, "height": height, "class_name": "Thing",
-                      "class_id": 0, "image_sha256": "", "mask_sha256": ""})
+                      "class_id": 0, "image_sha256": sha256_of(im / f"{key}.jpg"),
+                      "mask_sha256": sha256_of(gt / f"{key}.png")})
     with open(prepared / "manifest.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(line) + "\n" for line in lines)
     return prepared
@@ -83,7 +95,7 @@ class UpstreamPerFileDataset(Dataset):
         self.pairs = pairs
         self.size = size
         self.transform_image = transforms.Compose([
-            transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+            transforms.ToTensor(), transforms.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
         self.transform_label = transforms.ToTensor()
 
     def __len__(self) -> int:
@@ -156,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--s3", action="store_true", help="add a row streaming the shards from S3")
+    parser.add_argument("--s3-url", default=None,
+                        help="s3://bucket/prefix to upload the shards to (default: a local moto server's bucket)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.orig.lower().split("x"))
     torch.set_num_threads(1)
 
-    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+    s3_server = None
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp, contextlib.ExitStack() as stack:
         root = args.dir or Path(tmp)
         t0 = time.perf_counter()
         prepared = make_originals(root, args.samples, width, height)
@@ -169,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {"data": {"root": str(root / "raw"), "prepared": str(prepared), "size": [args.size, args.size],
                            "workers": args.workers, "train_sets": ["DIS-TR"], "val_sets": [], "test_sets": []},
                   "gradients": {"mode": "on_the_fly", "out": str(root / "gradients")},
-                  "shard": {"out": str(root / "shards")}, "loader": {}}
+                  "shard": {"out": str(root / "shards")}, "loader": {}, "register": {"selection_sets": []}}
         (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
         from birefnet.stages.shard import main as shard_main
 
@@ -196,6 +212,25 @@ def main(argv: list[str] | None = None) -> int:
                                        shuffle_buffer=16, pin_memory=False, normalize=normalize, rank=0,
                                        world_size=1)
             runs[name] = (lambda loader=loader: iter(loader), lambda b: b["image"].shape[0])
+        if args.s3:
+            url = args.s3_url
+            if url is None:
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+                from tests.helpers.s3 import start_s3_server
+
+                s3_server = stack.enter_context(start_s3_server())
+                os.environ.update(s3_server.client_env())
+                url = s3_server.make_bucket("loader-bench") + "/shards"
+            import fsspec
+
+            fs, prefix = fsspec.core.url_to_fs(url)
+            fs.put([str(p) for p in sorted(shard_dir.iterdir())], prefix.rstrip("/") + "/train/")
+            loader = make_train_loader(f"{url.rstrip('/')}/train", size=size, batch_size=args.batch_size,
+                                       workers=args.workers, augment=AugmentConfig(UPSTREAM_AUGMENT),
+                                       with_gradient=False, epoch_batches=batches, shuffle_buffer=16,
+                                       pin_memory=False, rank=0, world_size=1)
+            name = "shard loader, s3" + (" (moto)" if s3_server is not None else "")
+            runs[name] = (lambda loader=loader: iter(loader), lambda b: b["image"].shape[0])
         decode_only = DecodeOnly(shard_dir, index.image_ext)
         runs["decode ceiling (image+mask)"] = (
             lambda: DataLoader(decode_only, batch_size=args.batch_size, num_workers=args.workers),
@@ -216,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(rates)
         passes = ", ".join(f"{r:.1f}" for r in rates)
         print(f"{name:34s} {median:18.1f} {passes:>24s} {median / base:11.2f}x {median / ceiling:10.0%}")
+    remote = [name for name in results if name.startswith("shard loader, s3")]
+    if remote:
+        ratio = statistics.median(results[remote[0]]) / statistics.median(results["shard loader"])
+        print(f"s3 vs local disk (same loader, same shards): {ratio:.2f}x")
     return 0
 
 

@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from birefnet.config import ModelParams
-    from birefnet.export import export_onnx
+    from birefnet.inference.export import export_onnx
     from birefnet.models import build_model, load_model
-    from birefnet.training.engine import autocast_for
+    from birefnet.precision import autocast_for
 
     torch.set_num_threads(args.threads)
     backends = [b for b in args.backends.split(",") if b]

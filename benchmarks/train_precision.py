@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = {p: copy.deepcopy(base).to(memory_format=torch.channels_last if channels_last else
                                          torch.contiguous_format) for p in ("fp32", "bf16")}
     optimizers = {p: make_optimizer(m, params) for p, m in models.items()}
-    criterion = build_criterion(params)
+    criterion = build_criterion()
     at = Schedule(params.train).at(0)
     batch_size = params.loader.batch_size
     device = torch.device("cpu")

@@ -21,10 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("birefnet.stages.train", "train BiRefNet with Ray Train (staged schedule, checkpoints)"),
     "evaluate": ("birefnet.stages.evaluate", "score a model or prediction folders with the paper's metrics"),
     "register": ("birefnet.stages.register", "register the model in MLflow behind the promotion gate"),
-    "convert-upstream": ("birefnet.models.convert", "convert published BiRefNet weights (.pth, HF safetensors)"),
-    "predict": ("birefnet.predict", "predict masks and RGBA cut-outs for images at original resolution"),
-    "export": ("birefnet.export", "export a model to ONNX and check parity"),
-    "promote": ("birefnet.registry", "move the champion alias by hand (with the gate's checks)"),
+    "convert-upstream": ("birefnet.commands.convert_upstream",
+                         "convert published BiRefNet weights (.pth, HF safetensors)"),
+    "predict": ("birefnet.commands.predict", "predict masks and RGBA cut-outs for images at original resolution"),
+    "export": ("birefnet.commands.export", "export a model to ONNX and check parity"),
+    "promote": ("birefnet.commands.promote", "move the champion alias by hand (with the gate's checks)"),
     "ablate": ("birefnet.ablate", "run the paper's ablation table rows as DVC experiments, write their table"),
 }
 

@@ -12,12 +12,26 @@ silently keep the last value).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from birefnet.models.config import LIMIT_KEYS as MODEL_LIMIT_KEYS
+from birefnet.models.config import ModelConfig, check_consistency, check_encoder_name
+from birefnet.models.config import field_types as model_field_types
 
 DIS5K_SETS = ("DIS-TR", "DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
 
@@ -117,103 +131,82 @@ class GradientsParams(Frozen):
 # -------------------------------------------------------------------------------------------- model
 
 
-class ModelParams(Frozen):
-    """BiRefNet architecture switches. Defaults equal the published general checkpoint (swin_v1_l).
+def _model_params_fields() -> dict[str, Any]:
+    """The ``model`` group's pydantic fields, read from :class:`ModelConfig`: type, default, description, limits."""
+    fields: dict[str, Any] = {}
+    for spec in dataclasses.fields(ModelConfig):
+        limits = {key: spec.metadata[key] for key in MODEL_LIMIT_KEYS if key in spec.metadata}
+        fields[spec.name] = (model_field_types()[spec.name],
+                             Field(spec.default, description=spec.metadata["description"], **limits))
+    return fields
 
-    Owned by the model package; ``birefnet.models.build_model(params.model)`` is the only consumer. Every
-    paper component is a switch so the ablations of the paper are one ``--set`` away. Switches that change
-    the state-dict layout are embedded in every saved checkpoint, so ``load_model`` rebuilds from the file.
-    """
 
-    encoder: str = Field(
-        "swin_v1_l",
-        min_length=1,
-        description="swin_v1_t | swin_v1_s | swin_v1_b | swin_v1_l (upstream's Swin, built with timm) or any "
-        "timm model name with stride-4/8/16/32 features (e.g. pvt_v2_b0, convnext_atto)",
-    )
-    encoder_weights: Path | None = Field(
-        None, description="local file with ImageNet weights for the encoder; None = random init (never downloads)"
-    )
-    drop_path_rate: float | None = Field(
-        None, ge=0.0, lt=1.0, description="encoder stochastic depth; None = upstream's value (0.2 Swin, 0.1 other)"
-    )
-    multiscale_input: Literal["cat", "add", "none"] = Field(
-        "cat", description="image pyramid input: the encoder also reads the half-size image (cat doubles channels)"
-    )
-    context_levels: int = Field(3, ge=0, le=3, description="shallow encoder levels fused into the deepest one")
-    squeeze_block: Literal["basic", "residual", "none"] = Field(
-        "basic", description="block that maps the fused deepest features back to the encoder width"
-    )
-    squeeze_depth: int = Field(1, ge=1, le=4, description="number of squeeze blocks")
-    decoder_block: Literal["basic", "residual", "vanilla"] = Field(
-        "basic", description="basic | residual (both carry the attention) | vanilla: the ResNet basic block the "
-        "paper's Table 1 baseline decodes with, before the reconstruction block replaces it (attention none)")
-    attention: Literal["none", "aspp", "aspp_deformable"] = Field(
-        "aspp_deformable", description="attention inside every decoder block (aspp_deformable = reconstruction block)"
-    )
-    attention_strides: tuple[Literal[4, 8, 16, 32], ...] = Field(
-        (4, 8, 16, 32),
-        description="strides of the blocks that get the attention: decoder blocks at strides 32, 16, 8 and 4; the "
-        "squeeze blocks work at 32. Upstream: every block. The ASPP at stride 4 is the costly one; at 32 and 16 "
-        "it adds global context for a few percent of a step",
-    )
-    decoder_inter_channels: Literal["fixed", "adaptive"] = Field(
-        "fixed", description="decoder block inner width: fixed = 64, adaptive = in_channels // 4"
-    )
-    inward_reference: bool = Field(True, description="stack image patches into every decoder stage")
-    inward_reference_mode: Literal["split", "resize"] = Field(
-        "split", description="split: full-resolution patches stacked on channels; resize: the resized image"
-    )
-    outward_reference: bool = Field(True, description="gradient heads and gradient attention (needs stage heads)")
-    multistage_supervision: bool = Field(True, description="1-channel side outputs at strides 32, 16 and 8")
-    auxiliary_classification: bool = Field(False, description="class head on the deepest features (CE term)")
-    num_classes: int = Field(219, ge=2, description="classes of the auxiliary head (219 on DIS5K-TR)")
-    deform_impl: Literal["torchvision", "sampling", "auto"] = Field(
-        "auto",
-        description="deformable convolution kernel: torchvision.ops.deform_conv2d, grid_sample + matmul, or the "
-        "faster one for the input's device (same parameters either way)",
-    )
-    gradient_checkpointing: bool = Field(False, description="recompute encoder stages and decoder blocks in backward")
+def _encoder_name(cls: type[BaseModel], value: str) -> str:
+    return check_encoder_name(value)
 
-    @field_validator("encoder")
+
+def _consistent(self: BaseModel) -> BaseModel:
+    check_consistency(self)
+    return self
+
+
+class _ModelParamsBase(Frozen):
+    """Conversions between the ``model`` params group and the model package's own :class:`ModelConfig`."""
+
+    def to_config(self) -> ModelConfig:
+        """The group as the model package's :class:`ModelConfig` (what ``build_model`` builds)."""
+        return ModelConfig(**dict(self))
+
     @classmethod
-    def _encoder_name(cls, v: str) -> str:
-        if v.strip() != v or " " in v:
-            raise ValueError(f"encoder must be a model name without spaces, given {v!r}")
-        return v
+    def from_config(cls, config: ModelConfig) -> Any:
+        """The group holding the values of ``config`` (every key counts as set)."""
+        return cls(**config.to_dict())
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelParams:
-        if self.outward_reference and not self.multistage_supervision:
-            raise ValueError(
-                "outward_reference needs multistage_supervision (its gradient labels are masked by the stage "
-                "predictions); set both true or outward_reference false"
-            )
-        if self.decoder_block == "vanilla" and self.attention != "none" and self.attention_strides:
-            raise ValueError(
-                f"decoder_block 'vanilla' (the ablation baseline's plain residual block) has no attention, but "
-                f"attention is {self.attention!r} at strides {list(self.attention_strides)}; set attention none"
-            )
-        if len(set(self.attention_strides)) != len(self.attention_strides):
-            raise ValueError(f"attention_strides lists a stride twice: {list(self.attention_strides)}")
-        if self.squeeze_block == "none" and self.context_levels > 0:
-            raise ValueError(
-                f"squeeze_block 'none' needs context_levels 0 (given {self.context_levels}): the squeeze block maps "
-                "the fused context features back to the encoder width"
-            )
-        return self
+
+#: The ``model`` group: BiRefNet's architecture switches (:class:`birefnet.models.config.ModelConfig`).
+#: Defaults equal the published general checkpoint (swin_v1_l). Fields, defaults, descriptions, limits and
+#: checks all come from ``ModelConfig``, which the model package validates on its own (without pydantic);
+#: this pydantic model adds the key-path error messages and ``model_fields_set`` (which keys the file set).
+ModelParams = create_model(
+    "ModelParams",
+    __base__=_ModelParamsBase,
+    __module__=__name__,
+    __doc__="""BiRefNet architecture switches (the ``model`` group). Defaults equal the published general checkpoint
+    (swin_v1_l).
+
+    Generated from the model package's own ``ModelConfig``; ``birefnet.models.build_model(params.model)`` is the
+    only consumer. Every paper component is a switch so the ablations of the paper are one ``--set`` away.
+    Switches that change the state-dict layout are embedded in every saved checkpoint, so ``load_model``
+    rebuilds from the file.
+    """,
+    __validators__={
+        "_encoder_name": field_validator("encoder")(classmethod(_encoder_name)),
+        "_consistent": model_validator(mode="after")(_consistent),
+    },
+    **_model_params_fields(),
+)
 
 
 # ------------------------------------------------------------------------------------ shard, loader
 
 
+def _path_or_url(value: str | Path) -> str | Path:
+    text = str(value)
+    return text.rstrip("/") if "://" in text else Path(text)
+
+
+#: A local folder (a Path) or an object-store URL kept as text (``s3://bucket/prefix``; Path would fold ``//``).
+PathOrUrl = Annotated[str | Path, AfterValidator(_path_or_url)]
+
+
 class ShardParams(Frozen):
     """The ``shard`` stage: WebDataset tars per split/set. Owned by ``birefnet/data`` (WebDataset writer).
 
-    A shard is closed when the next sample would exceed ``max_samples`` or ``max_bytes`` (tar bytes).
+    A shard is closed when the next sample would exceed ``max_samples`` or ``max_bytes`` (tar bytes). ``out``
+    may be an ``s3://bucket/prefix`` URL for the cluster path (outside DVC, whose ``outs`` are local).
     """
 
-    out: Path = Path("data/shards")
+    out: PathOrUrl = Path("data/shards")
     max_samples: PositiveInt = 64
     max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     resize: bool = True
@@ -354,6 +347,9 @@ class TrainParams(Frozen):
     keep_checkpoints: PositiveInt = 2
     max_failures: NonNegativeInt = 1
     val_every: PositiveInt = 1
+    log_val_images: NonNegativeInt = Field(
+        4, description="at each validation, one MLflow image (key val_masks, step = epoch) of the first this-many "
+                       "samples of the first validation set: image | ground truth | prediction (0 = off)")
     bn_recalibration: NonNegativeInt = Field(
         0, description="before each validation, recompute BatchNorm statistics over this many of the epoch's "
                        "last training images at data.size with the final weights (0 = off: running averages)")
@@ -409,14 +405,14 @@ GATE_METRICS: dict[str, bool] = {
 
 
 class RegisterParams(Frozen):
-    """The ``register`` stage: MLflow model version, aliases and the promotion gate (``birefnet/registry.py``)."""
+    """The ``register`` stage: MLflow model version, aliases and the promotion gate (:mod:`birefnet.registry`)."""
 
     model_name: str = Field("birefnet", min_length=1, description="registered model name in the MLflow registry")
     model: Path = Field(Path("models/model.safetensors"), description="model file to register (train stage output)")
     metrics: Path = Field(Path("metrics/eval.json"), description="the evaluate stage's metrics (gate input)")
     out: Path = Field(Path("registry/registered.json"), description="decision record (DVC out)")
     primary_metric: Literal["Sm", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE", "HCE"] = Field(
-        "Sm", description="gate metric: its mean over data.test_sets; higher is better except MAE and HCE")
+        "Sm", description="gate metric: its mean over selection_sets; higher is better except MAE and HCE")
     min_delta: Annotated[float, Field(ge=0)] = Field(
         0.001, description="champion moves only when the challenger improves the primary metric by at least this")
     lock_timeout_s: Annotated[float, Field(gt=0)] = Field(
@@ -429,6 +425,11 @@ class RegisterParams(Frozen):
                           "lease_s/4); PostgreSQL ends a lock holder's session idle this long")
     await_registration_s: Annotated[int, Field(ge=0)] = Field(
         30, description="wait at most this long for a new model version to become READY")
+    selection_sets: list[str] = Field(
+        default_factory=lambda: ["DIS-VD"],
+        description="sets the gate compares challenger and champion on (mean of primary_metric): validation sets of "
+                    "data.val_sets, scored by the evaluate stage beside the reported test sets; empty = gate on "
+                    "data.test_sets (then the reported figure is also the selection criterion)")
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -458,7 +459,7 @@ class EvaluateParams(Frozen):
 
 
 class ServingParams(Frozen):
-    """Serving the registered model (``birefnet/serving.py``): limits on what one request may send."""
+    """Serving the registered model (``birefnet/inference/serving.py``): limits on what one request may send."""
 
     max_image_pixels: PositiveInt = Field(
         40_000_000, description="largest image (width x height) a served model accepts; bigger requests are refused")
@@ -485,6 +486,28 @@ with warnings.catch_warnings():
         register: RegisterParams = Field(default_factory=RegisterParams)
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         serving: ServingParams = Field(default_factory=ServingParams)
+
+        @model_validator(mode="after")
+        def _selection_sets_known(self) -> Params:
+            data = self.data
+            for name in self.register.selection_sets:
+                split = data.split_of(name)
+                if split == "train":
+                    raise ValueError(f"register.selection_sets: {name!r} is a training set (data.train_sets): the "
+                                     "gate must select on data the model did not train on")
+                if split is None:
+                    raise ValueError(f"register.selection_sets: {name!r} is in neither data.val_sets "
+                                     f"{data.val_sets} nor data.test_sets {data.test_sets}; add it to data.val_sets, "
+                                     "or set register.selection_sets: [] to gate on the test sets")
+            return self
+
+        def gate_sets(self) -> list[str]:
+            """The sets the promotion gate compares on: ``register.selection_sets``, else ``data.test_sets``."""
+            return list(self.register.selection_sets or self.data.test_sets)
+
+        def selection_only_sets(self) -> list[str]:
+            """Selection sets the evaluate stage scores besides the test sets (those not already test sets)."""
+            return [name for name in self.register.selection_sets if name not in self.data.test_sets]
 
 
 # ------------------------------------------------------------------------------------------ loading

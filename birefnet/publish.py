@@ -16,7 +16,8 @@ A process killed in steps 3-4 leaves some outputs missing (never old beside new)
 the renames. A process killed before the commit point leaves only temporary names, removed on the next run.
 
 Test hook: ``BIREFNET_TEST_CRASH_AT=<stage>:<point>`` makes the process exit with status 137 at that point
-(``staged``, ``committed``, ``aside<N>``, ``swap<N>``; N counts from 1), as a killed stage would.
+(``staged``, ``committed``, ``aside<N>``, ``swap<N>``; N counts from 1), as a killed stage would. The registry
+uses the same hook with stage ``register`` (:func:`birefnet.registry.gate.fault_point`).
 """
 
 from __future__ import annotations

@@ -50,6 +50,19 @@ def flatten(prefix: str, value: Any, out: dict[str, str] | None = None) -> dict[
     return out
 
 
+#: The most params one MLflow ``log_batch`` request may carry.
+MAX_PARAMS_PER_BATCH = 100
+
+
+def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    """Log flat params (see :func:`flatten`) to run ``run_id``, ``MAX_PARAMS_PER_BATCH`` per request."""
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + MAX_PARAMS_PER_BATCH]])
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
     """The current git commit of ``cwd`` (with ``-dirty`` when the tree has changes), or None outside git."""
     try:
@@ -175,3 +188,80 @@ def bounded_http_retries(max_retries: int = 3, backoff_factor: int = 1, timeout_
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+class RegistryRequestError(RuntimeError):
+    """The model registry answered a ``models:/`` request with an error other than "not found" (e.g. refused
+    credentials); the message names the URI, the (redacted) registry and MLflow's error code."""
+
+
+#: Seconds per attempt, and attempts, of the server probe before a ``models:/`` download (about 9 s at most in
+#: all, against minutes of MLflow's own retries).
+REGISTRY_PROBE_TIMEOUT_S = 2.0
+REGISTRY_PROBE_ATTEMPTS = 3
+#: MLflow error codes that mean the model, alias or version does not exist.
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def download_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """Download a registered model ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) and return the
+    ``.safetensors`` file inside.
+
+    Without ``tracking_uri`` the tracking and registry URIs are MLflow's own (the environment's, as every MLflow
+    client). With it, ``NAME@ALIAS`` and ``NAME/VERSION`` are resolved against that server for both tracking and
+    registry: MLflow's own ``models:/`` download reads the process-wide registry URI (``./mlflow.db`` in a fresh Ray
+    worker) even when given another one. An ``http(s)`` server is probed first, so an unreachable one fails in
+    seconds, and MLflow's own HTTP retries are bounded for the download.
+
+    Raises:
+        FileNotFoundError: the registry has no such model, alias or version, or the registered model holds no
+            ``.safetensors``; the message starts with ``uri``.
+        TrackingUnavailableError: the tracking (or registry) server does not answer; the message names its URI
+            with the credentials masked.
+        RegistryRequestError: the registry answered with another error.
+    """
+    import re
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri is None:
+        servers = [mlflow.get_registry_uri() or mlflow.get_tracking_uri(), mlflow.get_tracking_uri()]
+    else:
+        servers = [tracking_uri]
+    servers = list(dict.fromkeys(servers))
+    with bounded_http_retries(max_retries=2, backoff_factor=1, timeout_s=60):
+        for server in servers:
+            check_tracking_server(server, attempts=REGISTRY_PROBE_ATTEMPTS, timeout_s=REGISTRY_PROBE_TIMEOUT_S)
+        try:
+            artifact_uri = uri
+            match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
+            if match and tracking_uri:
+                name, alias, version = match.groups()
+                client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+                if alias:
+                    version = client.get_model_version_by_alias(name, alias).version
+                artifact_uri = client.get_model_version_download_uri(name, version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri))
+        except MlflowException as exc:
+            message = _mask_secrets(str(exc), servers)[:500]
+            where = f"the registry at {redact_uri(servers[0])}"
+            if exc.error_code in _NOT_FOUND_CODES:
+                raise FileNotFoundError(f"{uri}: not found in {where}: {message}") from None
+            raise RegistryRequestError(f"{uri}: {where} failed ({exc.error_code}): {message}") from None
+    found = [local] if local.is_file() and local.suffix == ".safetensors" else sorted(local.rglob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: no .safetensors file in the registered model's artifacts ({local})")
+    return found[0]
+
+
+def _mask_secrets(text: str, uris: list[str]) -> str:
+    """``text`` with every URI of ``uris`` redacted, and their passwords masked wherever else they appear."""
+    from urllib.parse import urlsplit
+
+    for uri in uris:
+        text = text.replace(uri, redact_uri(uri))
+        password = urlsplit(uri).password
+        if password:
+            text = text.replace(password, "***")
+    return text

@@ -22,8 +22,20 @@ def test_repository_params_load(repo_root: Path) -> None:
     assert params.data.size[0] % 32 == 0
 
 
-def test_defaults_are_valid() -> None:
-    Params()
+def test_defaults_are_valid(tmp_path: Path) -> None:
+    """The schema's defaults are the paper's DIS5K setting, and an empty params file resolves to them."""
+    from birefnet.config import params_to_dict
+
+    defaults = Params()
+    assert (defaults.model.encoder, defaults.model.multiscale_input, defaults.model.attention) == \
+        ("swin_v1_l", "cat", "aspp_deformable")
+    assert (defaults.train.lr, defaults.train.seed, defaults.train.lr_schedule) == (1e-4, 7, "constant")
+    main, finetune = defaults.train.stages
+    assert (main.name, main.epochs, finetune.name, finetune.epochs) == ("main", 780, "finetune_region", 20)
+    assert main.loss.model_dump() == {"bce": 30, "iou": 0.5, "ssim": 10, "mae": 0, "mse": 0, "ce": 5, "gradient": 1}
+    assert finetune.loss.bce == 0 and finetune.decay == {"iou": 0.5, "mae": 0.9}
+    assert load_params(write(tmp_path, {})) == defaults
+    assert Params.model_validate(params_to_dict(defaults)) == defaults
 
 
 @pytest.mark.parametrize(
@@ -38,6 +50,9 @@ def test_defaults_are_valid() -> None:
         ({"data": {"synthetic": {"min_side": 500, "max_side": 300}}}, ["min_side (500)", "max_side (300)"]),
         ({"data": {"val_sets": ["DIS-TR"]}}, ["'DIS-TR'", "train_sets", "val_sets"]),
         ({"gradients": {"mode": "lazy"}}, ["gradients.mode", "given 'lazy'"]),
+        ({"register": {"selection_sets": ["DIS-TR"]}}, ["register.selection_sets", "'DIS-TR'", "training set"]),
+        ({"register": {"selection_sets": ["DIS-XX"]}}, ["register.selection_sets", "'DIS-XX'", "data.val_sets",
+                                                        "data.test_sets"]),
         ({"train": {"stages": [{"name": "small", "epochs": 2, "size": [200, 256]}]}},
          ["train.stages[0].size", "multiples of 32", "[200, 256]"]),
         ({"train": {"bn_recalibration": -1}}, ["train.bn_recalibration", ">= 0", "given -1"]),
@@ -214,3 +229,50 @@ def test_serving_params_default_validation_and_documentation(tmp_path: Path, rep
     line = next(t for t in (repo_root / "params.yaml").read_text(encoding="utf-8").splitlines()
                 if t.strip().startswith("max_image_pixels: 40000000"))
     assert "#" in line and "refused" in line
+
+
+@pytest.mark.parametrize(
+    ("model", "fragments"),
+    [
+        ({"context_levels": 4}, ["model.context_levels", "<= 3", "given 4"]),
+        ({"attention": "bogus"}, ["model.attention", "'aspp_deformable'", "given 'bogus'"]),
+        ({"encoder": "a b"}, ["model.encoder", "without spaces"]),
+        ({"outward_reference": True, "multistage_supervision": False}, ["model:", "needs multistage_supervision"]),
+        ({"atention": "none"}, ["model.atention", "unknown key"]),
+    ],
+)
+def test_model_group_errors_name_the_key(tmp_path: Path, model: dict, fragments: list[str]) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, {"model": model}))
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_model_group_is_the_model_packages_config(repo_root: Path) -> None:
+    """``ModelParams`` is generated from ``birefnet.models.config.ModelConfig``: same keys, defaults and checks, and
+    the same JSON that model files embed."""
+    import dataclasses
+
+    from birefnet.config import ModelParams
+    from birefnet.models.config import ModelConfig
+
+    assert list(ModelParams.model_fields) == [spec.name for spec in dataclasses.fields(ModelConfig)]
+    assert ModelParams().to_config() == ModelConfig()
+    params = load_params(repo_root / "params.yaml").model
+    assert params.to_config().to_json() == params.model_dump_json()
+    assert ModelParams.from_config(params.to_config()) == params
+    changed = ModelParams(encoder="pvt_v2_b0", attention_strides=[32], drop_path_rate=0.25, encoder_weights="w.pth")
+    assert changed.to_config().to_json() == changed.model_dump_json()
+
+
+def test_gate_sets_are_the_selection_sets_else_the_test_sets() -> None:
+    from birefnet.config import Params
+
+    default = Params()
+    assert default.gate_sets() == ["DIS-VD"] and default.selection_only_sets() == ["DIS-VD"]
+    on_tests = Params.model_validate({"register": {"selection_sets": []}})
+    assert on_tests.gate_sets() == ["DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
+    assert on_tests.selection_only_sets() == []
+    # a selection set that is also a test set is scored once, as a test set
+    mixed = Params.model_validate({"register": {"selection_sets": ["DIS-VD", "DIS-TE1"]}})
+    assert mixed.gate_sets() == ["DIS-VD", "DIS-TE1"] and mixed.selection_only_sets() == ["DIS-VD"]

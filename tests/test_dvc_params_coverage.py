@@ -20,6 +20,7 @@ NO_EFFECT = {
     "train.run_name": "name of the Ray Train run (resume bookkeeping)",
     "train.storage_path": "where Ray keeps checkpoints (not a DVC out)",
     "train.max_failures": "worker-group restarts; a restart resumes from the last checkpoint",
+    "train.log_val_images": "validation mask images logged to the MLflow run (nothing the stage writes)",
     "loader.pin_memory": "host-to-GPU copy speed",
     "loader.prefetch_factor": "batches loaded ahead",
     "tracking.uri": "for train: where metrics are logged (the register stage lists it: it writes there)",

@@ -62,3 +62,21 @@ def test_ensure_experiment_survives_losing_the_creation_race(tmp_path, monkeypat
     monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", stale_first_lookup)
     uri, experiment_id = ensure_experiment(tracking)
     assert experiment_id == winner and len(calls) == 2
+
+
+def test_log_params_batches_at_most_100_per_request() -> None:
+    from birefnet.tracking import MAX_PARAMS_PER_BATCH, log_params
+
+    class Client:
+        def __init__(self) -> None:
+            self.batches: list[list[tuple[str, str]]] = []
+
+        def log_batch(self, run_id: str, params: list) -> None:  # noqa: ANN001
+            assert run_id == "run"
+            self.batches.append([(p.key, p.value) for p in params])
+
+    client = Client()
+    flat = {f"k{i}": str(i) for i in range(2 * MAX_PARAMS_PER_BATCH + 1)}
+    log_params(client, "run", flat)
+    assert [len(b) for b in client.batches] == [MAX_PARAMS_PER_BATCH, MAX_PARAMS_PER_BATCH, 1]
+    assert dict(p for b in client.batches for p in b) == flat

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from birefnet.data.io import IMAGE_EXTENSIONS, ImageReadError, load_image, load_mask, sha256_file
+from birefnet.data.io import IMAGE_EXTENSIONS, ImageReadError, load_image, load_mask
+from birefnet.hashing import sha256_file
 
 # forkserver, not fork: a fork of a process that already ran OpenCV or torch thread pools can deadlock.
 _POOL_CONTEXT = multiprocessing.get_context("forkserver")

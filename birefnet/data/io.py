@@ -52,15 +52,6 @@ class PixelLimitError(ImageReadError):
     """The header declares more pixels than the limit; raised before any pixel is decoded."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _identify(fp: IO[bytes], filename: str) -> ImageFile.ImageFile:
     """Parse an image header with Pillow's format plugins, as ``Image.open`` does, minus its bomb check.
 

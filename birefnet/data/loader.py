@@ -30,6 +30,11 @@ A batch is a dict:
 * ``skipped``: int, samples this worker skipped (``on_decode_error="skip"``) since its previous batch.
 * ``size``: int, B.
 
+Shard locations: a local split folder or an object-store URL (``s3://bucket/prefix/train``, read through fsspec;
+credentials and endpoint from the AWS variables). Remote shards are streamed with ranged reads, never copied to
+local disk, and split over ranks and workers exactly as local ones. Whenever a reader reads a whole shard, the
+bytes it streamed are hashed and checked against the sha256 in ``index.json``.
+
 Workers send uint8 images and masks; the float conversion happens after the transfer (in the main process, or on
 the GPU with ``normalize=False``): a float32 batch costs four times the shared-memory pages, and page faults on
 fresh buffers, not arithmetic, dominate the normalisation cost at 1024x1024.
@@ -38,6 +43,7 @@ fresh buffers, not arithmetic, dominate the normalisation cost at 1024x1024.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -53,9 +59,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from birefnet.data.gradients import IMAGENET_MEAN, IMAGENET_STD, decode_gradient
-from birefnet.data.shards import SplitIndex
+from birefnet.data.gradients import decode_gradient
+from birefnet.data.shards import SplitIndex, join_location, open_for_read
 from birefnet.data.transforms import AugmentConfig, augment_sample, check_gradient_compatible
+from birefnet.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("birefnet.loader")
 
@@ -182,6 +189,7 @@ class ReaderConfig:
         world_size: number of ranks.
         workers: DataLoader workers per rank (0 = in the main process).
         on_decode_error: ``fail`` raises :class:`SampleDecodeError`; ``skip`` drops and counts.
+        digests: (path, sha256) of the shards, from the index: checked whenever a reader reads a whole shard.
     """
 
     shards: tuple[tuple[str, int], ...]
@@ -199,6 +207,33 @@ class ReaderConfig:
     world_size: int = 1
     workers: int = 0
     on_decode_error: Literal["fail", "skip"] = "fail"
+    digests: tuple[tuple[str, str], ...] = ()
+
+
+class _HashingReader:
+    """A read-only stream wrapper hashing every byte read (tarfile's stream mode only calls ``read``)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read the rest (end-of-archive padding) and return the hex digest of everything."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def _tar_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """WebDataset samples of an open tar stream (members grouped by key), ``__url__`` set to ``url``."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
 class ShardStream(IterableDataset):
@@ -240,20 +275,25 @@ class ShardStream(IterableDataset):
             cycle += 1
 
     def _samples(self, units: Iterator[Unit], counter: list[int]) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
         skip = self.config.on_decode_error == "skip"
+        counts = dict(self.config.shards)
+        digests = dict(self.config.digests)
         yielded = 0
         for path, start, stop in units:
             position, key = -1, None
+            # a reader of a whole shard streams every byte of it anyway: hash them against the index
+            whole = start == 0 and stop == counts.get(path) and path in digests
             try:
-                for position, sample in enumerate(wds.tarfile_samples([{"url": path}])):
-                    if position >= stop:
-                        break
-                    if position >= start:
-                        key = sample["__key__"]
-                        yielded += 1
-                        yield sample
+                with open_for_read(path) as raw:
+                    stream = _HashingReader(raw) if whole else raw
+                    for position, sample in enumerate(_tar_samples(stream, path)):
+                        if position >= stop:
+                            break
+                        if position >= start:
+                            key = sample["__key__"]
+                            yielded += 1
+                            yield sample
+                    actual = stream.drain() if whole and position + 1 == stop else None
             except Exception as exc:  # noqa: BLE001 - tar/IO errors name the shard
                 where = f"shard {path}" + (f" after sample {key}" if key else "")
                 if not skip:
@@ -267,6 +307,11 @@ class ShardStream(IterableDataset):
             if position + 1 < stop and not skip:
                 raise SampleDecodeError(f"shard {path}: has {position + 1} samples, the index says at least {stop}; "
                                         "reshard")
+            if actual is not None and actual != digests[path]:
+                message = f"shard {path}: sha256 {actual}, the index says {digests[path]}; reshard"
+                if not skip:
+                    raise SampleDecodeError(message)
+                log.warning("%s (its samples were used)", message)
 
     # ---------------------------------------------------------------------------------------- decode
     def decode(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
@@ -453,7 +498,7 @@ def make_train_loader(shard_dir: str | Path, *, size: tuple[int, int], batch_siz
     """Training loader over a split folder (``<shard.out>/train``).
 
     Args:
-        shard_dir: folder holding ``index.json`` and the shards.
+        shard_dir: folder (or URL, ``s3://bucket/shards/train``) holding ``index.json`` and the shards.
         size: (width, height) of the output batches (``data.size``).
         batch_size: samples per batch on this rank.
         workers: DataLoader worker processes on this rank.
@@ -498,7 +543,8 @@ def make_train_loader(shard_dir: str | Path, *, size: tuple[int, int], batch_siz
     config = ReaderConfig(shards=shards, mode="train", size=tuple(size), batch_size=batch_size,
                           image_ext=index.image_ext, with_gradient=with_gradient, augment=augment,
                           shuffle_buffer=shuffle_buffer, seed=seed, batches_per_worker=per_worker, rank=rank,
-                          world_size=world_size, workers=workers, on_decode_error=on_decode_error)
+                          world_size=world_size, workers=workers, on_decode_error=on_decode_error,
+                          digests=tuple(index.shard_digests(shard_dir).items()))
     return ShardLoader(ShardStream(config), per_worker * readers_per_rank, pin_memory, prefetch_factor, normalize)
 
 
@@ -531,7 +577,7 @@ def make_eval_loader(shard_dir: str | Path, set_name: str, *, size: tuple[int, i
     config = ReaderConfig(shards=shards, mode="eval", size=tuple(size), batch_size=batch_size,
                           image_ext=index.image_ext, with_gradient=with_gradient,
                           with_original_mask=with_original_mask, rank=rank, world_size=world_size, workers=workers,
-                          on_decode_error=on_decode_error)
+                          on_decode_error=on_decode_error, digests=tuple(index.shard_digests(shard_dir).items()))
     total = sum(n for _, n in shards)
     readers = world_size * max(1, workers)
     first = rank * max(1, workers)
@@ -551,7 +597,7 @@ def train_loader_from_params(params: Any, split: str = "train", **overrides: Any
         "on_decode_error": lp.on_decode_error, "pin_memory": lp.pin_memory, "prefetch_factor": lp.prefetch_factor,
     }
     kwargs.update(overrides)
-    return make_train_loader(Path(params.shard.out) / split, **kwargs)
+    return make_train_loader(join_location(params.shard.out, split), **kwargs)
 
 
 def eval_loader_from_params(params: Any, set_name: str, split: str | None = None, **overrides: Any) -> ShardLoader:
@@ -566,5 +612,5 @@ def eval_loader_from_params(params: Any, set_name: str, split: str | None = None
         "prefetch_factor": lp.prefetch_factor,
     }
     kwargs.update(overrides)
-    return make_eval_loader(Path(params.shard.out) / split, set_name, **kwargs)
+    return make_eval_loader(join_location(params.shard.out, split), set_name, **kwargs)
 

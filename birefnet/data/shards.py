@@ -15,10 +15,17 @@ Sample layout inside a tar (``<key>.<ext>`` members, in this order):
 name at its first dot, so the original file stem (which may hold dots, spaces, ``#`` or any unicode) lives in
 the json only.
 
+Members are written by ``webdataset.TarWriter`` (members of a sample in sorted extension order).
+
 Determinism: members carry fixed metadata (mtime 0, mode 0444, uid/gid 0, no user names, USTAR format) and
 samples are written in a fixed order, so equal inputs and params give byte-identical shards. Atomicity: a shard
 is written to a hidden ``.<name>.tmp`` file, flushed and fsynced, then renamed; ``index.json`` (written the same
 way) is the only entry point for readers and is removed before a split is rewritten.
+
+Object storage: a split location may be an fsspec URL (``s3://bucket/prefix/train``; credentials and endpoint
+from the usual AWS variables or config). A shard is then streamed to its final key as a multipart upload that is
+committed only when the shard is complete (an S3 object appears whole or not at all), so no temporary name is
+needed; ``index.json`` is one PUT. Nothing is staged on local disk.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import re
 import struct
 import tarfile
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +50,59 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 TMP_SUFFIX = ".tmp"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether a shard location is an fsspec URL (``s3://bucket/prefix``) rather than a local path."""
+    return "://" in str(location)
+
+
+def join_location(base: str | Path, *names: str) -> str | Path:
+    """``base / name / ...``: a Path for a local base, a ``/``-joined URL for a URL base."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return Path(base).joinpath(*names)
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of a URL (``s3://bucket/key`` -> s3fs, ``bucket/key``)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def open_for_read(location: str | Path, block_size: int = 8 << 20) -> Any:
+    """A binary file object streaming ``location``: a local file, or an fsspec file reading ahead ``block_size``
+    bytes per ranged request (the object is never copied to local disk)."""
+    if not is_url(location):
+        return open(location, "rb")  # noqa: SIM115 - the caller closes it
+    fs, path = url_filesystem(str(location))
+    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def read_location_text(location: str | Path) -> str:
+    """A whole (small) text file, local or at a URL.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    if not is_url(location):
+        return Path(location).read_text(encoding="utf-8")
+    fs, path = url_filesystem(str(location))
+    return fs.cat_file(path).decode("utf-8")
+
+
+def remove_location(location: str | Path) -> None:
+    """Delete a file or object if it exists."""
+    if not is_url(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = url_filesystem(str(location))
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path)
 
 
 def safe_name(name: str) -> str:
@@ -107,17 +168,6 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
     return width, height, data[24], data[25]
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
 def member_bytes(size: int) -> int:
     """Bytes a member of ``size`` bytes takes in a tar: a 512-byte header plus padded data."""
     return 512 + (size + 511) // 512 * 512
@@ -139,28 +189,30 @@ class ShardInfo:
 
 
 class AtomicShardWriter:
-    """Writes a stream of samples of one set into numbered tar shards, each renamed into place when complete.
+    """Writes a stream of samples of one set into numbered tar shards, each published only when complete.
 
-    A sample is a mapping ``{"__key__": str, ext: bytes, ...}``; members are written in the mapping's order.
-    A new shard starts when adding the sample would exceed ``max_samples`` or ``max_bytes`` (a sample larger
-    than ``max_bytes`` gets a shard of its own).
+    A sample is a mapping ``{"__key__": str, ext: bytes, ...}``; ``webdataset.TarWriter`` writes its members in
+    sorted extension order. A new shard starts when adding the sample would exceed ``max_samples`` or
+    ``max_bytes`` (a sample larger than ``max_bytes`` gets a shard of its own). Local shards are renamed into
+    place after an fsync; shards at a URL are multipart uploads committed on completion (aborted otherwise).
 
     Args:
-        folder: the split folder shards go to.
+        folder: the split folder (or URL) shards go to.
         set_name: names the shards ``<set>-%06d.tar``.
         max_samples: samples per shard at most.
         max_bytes: tar bytes per shard at most (headers and end-of-archive blocks included).
     """
 
     def __init__(self, folder: str | Path, set_name: str, max_samples: int, max_bytes: int) -> None:
-        self.folder = Path(folder)
+        self.remote = is_url(folder)
+        self.folder: str | Path = str(folder).rstrip("/") if self.remote else Path(folder)
         self.set_name = set_name
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
-        self._file: io.BufferedWriter | None = None
-        self._hash: Any = None
+        self._tar: Any = None
+        self._file: Any = None
+        self._sink: _HashingWriter | None = None
         self._tmp: Path | None = None
         self._count = 0
         self._bytes = 0
@@ -175,12 +227,22 @@ class AtomicShardWriter:
             self.abort()
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        import webdataset as wds
+
         name = shard_name(self.set_name, len(self.shards))
-        self._tmp = self.folder / f".{name}{TMP_SUFFIX}"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
-        self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT)
+        if self.remote:
+            fs, path = url_filesystem(f"{self.folder}/{name}")
+            # autocommit off: close() uploads the last part, commit() publishes the object, discard() aborts
+            self._file = fs.open(path, "wb", autocommit=False)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = self.folder / f".{name}{TMP_SUFFIX}"
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
+        self._sink = _HashingWriter(self._file, hashlib.sha256())
+        # encoder=False: members are bytes already; fixed mtime and empty user/group names for determinism
+        self._tar = wds.TarWriter(self._sink, user="", group="", mode=0o444, encoder=False, mtime=0)
+        # TarWriter accepts a format but does not pass it to tarfile (PAX by default): keep the USTAR headers
+        self._tar.tarstream.format = tarfile.USTAR_FORMAT
         self._count = 0
         self._bytes = 0
 
@@ -189,29 +251,31 @@ class AtomicShardWriter:
         key = sample["__key__"]
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-        members = [(f"{key}.{ext}", data) for ext, data in sample.items() if ext != "__key__"]
-        size = sum(member_bytes(len(data)) for _, data in members)
+        size = sum(member_bytes(len(data)) for ext, data in sample.items() if ext != "__key__")
         full = self._count >= self.max_samples or tar_size(self._bytes + size) > self.max_bytes
         if self._tar is not None and full:
             self._finish()
         if self._tar is None:
             self._open()
-        for name, data in members:
-            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._tar.write(sample)
         self._count += 1
         self._bytes += size
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._file is not None and self._tmp is not None
+        assert self._tar is not None and self._file is not None and self._sink is not None
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        final = self.folder / shard_name(self.set_name, len(self.shards))
-        os.replace(self._tmp, final)
-        self.shards.append(ShardInfo(final.name, self._count, size, self._hash.hexdigest()))
-        self._tar = self._file = self._tmp = None
+        name = shard_name(self.set_name, len(self.shards))
+        if self.remote:
+            self._file.close()
+            self._file.commit()
+        else:
+            assert self._tmp is not None
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.folder / name)
+        self.shards.append(ShardInfo(name, self._count, self._sink.size, self._sink.digest.hexdigest()))
+        self._tar = self._file = self._tmp = self._sink = None
 
     def close(self) -> list[ShardInfo]:
         """Finish the open shard (if any) and return every shard written."""
@@ -220,27 +284,35 @@ class AtomicShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Drop the shard being written (its temporary file is removed); finished shards stay."""
-        if self._file is not None:
+        """Drop the shard being written (its temporary file is removed, its upload aborted); finished shards
+        stay."""
+        if self._sink is not None:
+            self._sink.raw = None  # the half-written tar's buffered tail, flushed when it is collected, goes nowhere
+        if self._file is not None and self.remote:
+            self._file.discard()
+            self._file.closed = True  # discarded: closing would try to upload
+        elif self._file is not None:
             self._file.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
-        self._tar = self._file = self._tmp = None
+        self._tar = self._file = self._tmp = self._sink = None
 
 
 class _HashingWriter:
-    """A write-only file wrapper that feeds every byte to a hash (tarfile only calls ``write``)."""
+    """A write-only file wrapper that counts and hashes every byte (tarfile's stream mode only calls ``write``)."""
 
-    def __init__(self, raw: io.BufferedWriter, digest: Any) -> None:
+    def __init__(self, raw: Any, digest: Any) -> None:
         self.raw = raw
         self.digest = digest
+        self.size = 0
 
     def write(self, data: bytes) -> int:
+        if self.raw is None:  # aborted
+            return len(data)
         self.digest.update(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.raw.tell()
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
 
 
 @dataclass
@@ -270,13 +342,16 @@ class SplitIndex:
         return sum(s["samples"] for s in self.sets.values())
 
     def shard_paths(self, folder: str | Path, sets: Iterable[str] | None = None) -> list[tuple[str, int]]:
-        """(path, samples) of each shard of the given sets (all sets when None), in index order."""
-        folder = Path(folder)
+        """(path or URL, samples) of each shard of the given sets (all sets when None), in index order."""
         names = list(self.sets) if sets is None else list(sets)
         missing = [n for n in names if n not in self.sets]
         if missing:
-            raise KeyError(f"set(s) {missing} not in {folder / INDEX_NAME} (has {list(self.sets)})")
-        return [(str(folder / s["file"]), s["samples"]) for n in names for s in self.sets[n]["shards"]]
+            raise KeyError(f"set(s) {missing} not in {join_location(folder, INDEX_NAME)} (has {list(self.sets)})")
+        return [(str(join_location(folder, s["file"])), s["samples"]) for n in names for s in self.sets[n]["shards"]]
+
+    def shard_digests(self, folder: str | Path) -> dict[str, str]:
+        """Path or URL of every shard -> the sha256 recorded when it was written."""
+        return {str(join_location(folder, s["file"])): s["sha256"] for v in self.sets.values() for s in v["shards"]}
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys, no timestamps)."""
@@ -286,15 +361,18 @@ class SplitIndex:
 
     @classmethod
     def read(cls, folder: str | Path) -> SplitIndex:
-        """Load ``<folder>/index.json``.
+        """Load ``<folder>/index.json`` (a local folder or a URL such as ``s3://bucket/shards/train``).
 
         Raises:
             FileNotFoundError: no index (the split was never sharded, or a shard run did not finish).
         """
-        path = Path(folder) / INDEX_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no shard index (run `birefnet shard`; an interrupted run leaves none)")
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        path = join_location(folder, INDEX_NAME)
+        try:
+            text = read_location_text(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"{path}: no shard index (run `birefnet shard`; an interrupted run leaves "
+                                    "none)") from None
+        doc = json.loads(text)
         if doc.get("version") != INDEX_VERSION:
             raise ValueError(f"{path}: index version {doc.get('version')} is not {INDEX_VERSION}; reshard")
         doc.pop("samples", None)
@@ -302,7 +380,13 @@ class SplitIndex:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file under a temporary name, fsync, then rename into place."""
+    """Write a text file under a temporary name, fsync, then rename into place (at a URL: one PUT, which
+    replaces the object atomically)."""
+    if is_url(path):
+        fs, key = url_filesystem(str(path))
+        fs.pipe_file(key, text.encode("utf-8"))
+        fs.invalidate_cache(key)
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -313,10 +397,20 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def clean_split_folder(folder: str | Path, keep: Iterable[str] = ()) -> list[str]:
-    """Remove leftover temporary files and shards not in ``keep`` from a split folder; return removed names."""
-    folder = Path(folder)
+    """Remove leftover temporary files and shards not in ``keep`` from a split folder (or URL prefix); return
+    removed names."""
     keep = set(keep)
     removed: list[str] = []
+    if is_url(folder):
+        fs, prefix = url_filesystem(str(folder).rstrip("/"))
+        fs.invalidate_cache(prefix)
+        names = sorted(posixpath_name(p) for p in fs.find(prefix, maxdepth=1))
+        stale = [n for n in names if n.endswith(".tar") and n not in keep]
+        if stale:
+            fs.rm([f"{prefix}/{n}" for n in stale])
+            fs.invalidate_cache(prefix)
+        return stale
+    folder = Path(folder)
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
@@ -328,9 +422,14 @@ def clean_split_folder(folder: str | Path, keep: Iterable[str] = ()) -> list[str
     return removed
 
 
+def posixpath_name(key: str) -> str:
+    """Last component of an object key (``bucket/a/b.tar`` -> ``b.tar``)."""
+    return urllib.parse.unquote(key.rstrip("/").rsplit("/", 1)[-1])
+
+
 def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of a tar in order; a test and debugging helper."""
-    with tarfile.open(path, "r") as tar:
+    """(member name, bytes) of a tar (local or at a URL) in order; a test and debugging helper."""
+    with open_for_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for info in tar:
             if info.isreg():
                 fh = tar.extractfile(info)

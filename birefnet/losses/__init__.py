@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from birefnet.losses.composite import (
-    LOSS_PRESETS,
-    MATTING_WEIGHTS,
-    PAPER_WEIGHTS,
-    REGION_WEIGHTS,
-    BiRefNetLoss,
-    loss_weights,
-)
+from birefnet.losses.composite import BiRefNetLoss
 from birefnet.losses.terms import (
     BCELoss,
     ClassificationLoss,
@@ -22,10 +15,6 @@ from birefnet.losses.terms import (
 )
 
 __all__ = [
-    "LOSS_PRESETS",
-    "MATTING_WEIGHTS",
-    "PAPER_WEIGHTS",
-    "REGION_WEIGHTS",
     "BCELoss",
     "BiRefNetLoss",
     "ClassificationLoss",
@@ -34,6 +23,5 @@ __all__ = [
     "MAELoss",
     "MSELoss",
     "SSIMLoss",
-    "loss_weights",
     "ssim",
 ]

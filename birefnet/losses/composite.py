@@ -8,11 +8,11 @@
 * the auxiliary classification CE when the output carries class logits and labels are given;
 * the outward-reference gradient loss, summed over the three stages.
 
-Weights are explicit constructor arguments; ``PAPER_WEIGHTS`` (BCE 30, IoU 0.5, SSIM 10, CE 5, gradient 1)
-is the main training stage, ``REGION_WEIGHTS`` the region-level-only fine-tuning stage (BCE off) and
-``MATTING_WEIGHTS`` upstream's Matting task (BCE 30, MAE 100, SSIM 10; IoU off, soft alpha targets).
+The defaults are the paper's main-stage weights (BCE 30, IoU 0.5, SSIM 10, CE 5, gradient 1; MAE and MSE off).
 Upstream changes weights in place every fine-tuning epoch (IoU x0.5, or for Matting MSE and SSIM x0.9); here the
-module's weights are set from outside: the training schedule computes each epoch's (``train.stages[].decay``).
+training schedule computes each epoch's weights (``train.stages[].loss`` and ``.decay``) and passes them to
+``forward`` (``weights=``), so the module is never mutated. Other stages' and tasks' weights (region-only
+fine-tuning, upstream's Matting task) are params (``configs/*.yaml``), not constants here.
 """
 
 from __future__ import annotations
@@ -26,28 +26,7 @@ from torch import nn
 from birefnet.losses.terms import BCELoss, ClassificationLoss, GradientLoss, IoULoss, MAELoss, MSELoss, SSIMLoss
 from birefnet.models.birefnet import BiRefNetOutput
 
-#: Main stage (paper defaults for DIS5K).
-PAPER_WEIGHTS: dict[str, float] = {
-    "bce": 30.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "mse": 0.0, "ce": 5.0, "gradient": 1.0}
-#: Fine-tuning stage: region-level terms only (no pixel-level BCE).
-REGION_WEIGHTS: dict[str, float] = {
-    "bce": 0.0, "iou": 0.5, "ssim": 10.0, "mae": 0.0, "mse": 0.0, "ce": 5.0, "gradient": 1.0}
-#: Upstream's 'Matting' task (upstream-spec §6): no IoU, MAE 100 on the soft alpha; no class labels.
-MATTING_WEIGHTS: dict[str, float] = {
-    "bce": 30.0, "iou": 0.0, "ssim": 10.0, "mae": 100.0, "mse": 0.0, "ce": 0.0, "gradient": 1.0}
-LOSS_PRESETS: dict[str, dict[str, float]] = {
-    "paper": PAPER_WEIGHTS, "region": REGION_WEIGHTS, "matting": MATTING_WEIGHTS}
 REGION_TERMS = ("bce", "iou", "ssim", "mae", "mse")
-
-
-def loss_weights(preset: str = "paper", **overrides: float) -> dict[str, float]:
-    """A weights dict from a preset name (``paper``, ``region`` or ``matting``) with per-term overrides."""
-    if preset not in LOSS_PRESETS:
-        raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
-    unknown = set(overrides) - set(PAPER_WEIGHTS)
-    if unknown:
-        raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(PAPER_WEIGHTS)}")
-    return {**LOSS_PRESETS[preset], **overrides}
 
 
 class BiRefNetLoss(nn.Module):
@@ -92,13 +71,12 @@ class BiRefNetLoss(nn.Module):
             }
         )
 
-    @classmethod
-    def from_weights(cls, weights: Mapping[str, float]) -> BiRefNetLoss:
-        """Build from a weights mapping (e.g. ``loss_weights("region")`` or a params group)."""
-        return cls(**dict(weights))
-
     def forward(
-        self, output: BiRefNetOutput, target: torch.Tensor, class_target: torch.Tensor | None = None
+        self,
+        output: BiRefNetOutput,
+        target: torch.Tensor,
+        class_target: torch.Tensor | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the loss.
 
@@ -106,18 +84,21 @@ class BiRefNetLoss(nn.Module):
             output: the model's output (train mode for gradient terms).
             target: ``(B, 1, H, W)`` mask in [0, 1].
             class_target: ``(B,)`` class indices (-1 = none) for the auxiliary head, or None.
+            weights: per-term weights for this call (every term named; e.g. a schedule stage's), used instead of
+                the constructor's; the module is left unchanged.
 
         Returns:
             The fp32 scalar total and the weighted contribution of every active term (``bce``, ``iou``,
             ``ssim``, ``mae``, ``mse``, ``ce``, ``gradient``; a term with weight 0 is absent); the total is their
             sum.
         """
+        weights = self.weights if weights is None else weights
         with torch.autocast(target.device.type, enabled=False):
             target = target.float()
             parts: dict[str, torch.Tensor] = {}
             maps = [_resize_to(m.float(), target) for m in output.supervised_logits]
             for name in REGION_TERMS:
-                if not self.weights[name]:
+                if not weights[name]:
                     continue
                 if name == "ssim":
                     # One pass over the maps stacked on channels (the target blurred once): the mean SSIM of
@@ -126,11 +107,11 @@ class BiRefNetLoss(nn.Module):
                     value = len(maps) * self.terms[name](torch.cat(maps, dim=1), target)
                 else:
                     value = sum(self.terms[name](m, target) for m in maps)
-                parts[name] = self.weights[name] * value
-            if self.weights["ce"] and output.class_logits is not None and class_target is not None:
-                parts["ce"] = self.weights["ce"] * self.terms["ce"](output.class_logits, class_target)
-            if self.weights["gradient"] and output.gradient_logits:
-                parts["gradient"] = self.weights["gradient"] * sum(
+                parts[name] = weights[name] * value
+            if weights["ce"] and output.class_logits is not None and class_target is not None:
+                parts["ce"] = weights["ce"] * self.terms["ce"](output.class_logits, class_target)
+            if weights["gradient"] and output.gradient_logits:
+                parts["gradient"] = weights["gradient"] * sum(
                     self.terms["gradient"](p, t)
                     for p, t in zip(output.gradient_logits, output.gradient_targets, strict=True)
                 )

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from birefnet.imaging import gradient_map
 from birefnet.models.blocks import AttentionKind, BranchPyramid, SimpleConvs, make_decoder_block
+from birefnet.models.config import ModelConfig
 from birefnet.models.decoder import Decoder, resize
 from birefnet.models.deform import DeformableConv2d, DeformImpl
 from birefnet.models.encoders import create_encoder
-from birefnet.models.heads import ClassificationHead, gradient_map
-from birefnet.models.registry import register_model
+from birefnet.models.heads import ClassificationHead
+from birefnet.models.registry import build_model, register_model
 
 
 @dataclass
@@ -54,7 +56,7 @@ class BiRefNetOutput:
 
 
 class BiRefNet(nn.Module):
-    """BiRefNet with every paper component a switch (argument names equal ``ModelParams`` fields).
+    """BiRefNet with every paper component a switch (argument names equal ``ModelConfig`` fields).
 
     Args:
         encoder: ``swin_v1_t|s|b|l`` or a timm model name.
@@ -78,7 +80,13 @@ class BiRefNet(nn.Module):
         num_classes: classes of that head.
         deform_impl: ``torchvision``, ``sampling`` or ``auto``.
         gradient_checkpointing: recompute encoder stages and decoder blocks in backward.
+
+    Attributes:
+        config: the :class:`ModelConfig` it was built from (set by ``build_model``, ``create_model`` and
+            ``load_model``; None when built directly), what ``save_model`` embeds.
     """
+
+    config: ModelConfig | None = None
 
     def __init__(
         self,
@@ -212,7 +220,7 @@ class BiRefNet(nn.Module):
 
         Args:
             image: ``(B, 3, H, W)`` ImageNet-normalised RGB, H and W multiples of 32.
-            gradient: optional ``(B, 1, H, W)`` precomputed gradient map (``heads.gradient_map`` of the
+            gradient: optional ``(B, 1, H, W)`` precomputed gradient map (``birefnet.imaging.gradient_map`` of the
                 image); computed from ``image`` when training with the outward reference and not given.
 
         Returns:
@@ -247,22 +255,22 @@ class BiRefNet(nn.Module):
 @register_model
 def birefnet_swin_v1_l(**kwargs: object) -> BiRefNet:
     """The published general checkpoint's architecture (Swin-L, every paper component on)."""
-    return BiRefNet(**{"encoder": "swin_v1_l", **kwargs})  # type: ignore[arg-type]
+    return build_model(ModelConfig.from_dict({"encoder": "swin_v1_l", **kwargs}))
 
 
 @register_model
 def birefnet_swin_v1_t(**kwargs: object) -> BiRefNet:
     """The published "lite" checkpoint's architecture (Swin-T, every paper component on)."""
-    return BiRefNet(**{"encoder": "swin_v1_t", **kwargs})  # type: ignore[arg-type]
+    return build_model(ModelConfig.from_dict({"encoder": "swin_v1_t", **kwargs}))
 
 
 @register_model
 def birefnet_pvt_v2_b0(**kwargs: object) -> BiRefNet:
     """A small fast configuration: PVTv2-b0 encoder, every paper component on."""
-    return BiRefNet(**{"encoder": "pvt_v2_b0", **kwargs})  # type: ignore[arg-type]
+    return build_model(ModelConfig.from_dict({"encoder": "pvt_v2_b0", **kwargs}))
 
 
 @register_model
 def birefnet_test(**kwargs: object) -> BiRefNet:
     """Tiny variant for tests: timm's ``test_convnext`` encoder (0.2M parameters), every component on."""
-    return BiRefNet(**{"encoder": "test_convnext", **kwargs})  # type: ignore[arg-type]
+    return build_model(ModelConfig.from_dict({"encoder": "test_convnext", **kwargs}))

@@ -10,7 +10,8 @@ conversion).
 
 ``convert_state_dict`` is a pure function from an upstream state dict to ours (``ENCODER_RULES`` for the
 backbone family, then ``DECODER_RULES``); ``infer_model_params`` reads the architecture switches back from tensor
-shapes; ``main`` is the ``birefnet convert-upstream IN OUT.safetensors [--set model.key=value]`` command.
+shapes; :func:`convert_checkpoint` converts a file. The ``birefnet convert-upstream IN OUT.safetensors
+[--set model.key=value]`` command line is :mod:`birefnet.commands.convert_upstream`.
 
 Upstream keys differ from ours in three ways: names (``decoder.ipt_blk5`` -> ``decoder.image_blocks.0``,
 ``dec_att`` -> ``attention``, ...); the encoder layout (Swin: upstream's ``layers.i.downsample`` is timm's
@@ -23,17 +24,15 @@ upstream's ``patch_embed1..4`` / ``block1..4`` / ``norm1..4`` are timm's ``patch
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from birefnet.config import ModelParams, ParamsError, apply_overrides, format_validation_error
+from birefnet.models.config import ModelConfig
 
 #: Prefixes added by DDP and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -389,31 +388,32 @@ def to_float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
 
 
-def resolve_params(inferred: Mapping[str, Any], overrides: Sequence[str] = ()) -> ModelParams:
-    """``ModelParams`` from inferred fields plus ``model.key=value`` overrides (validated)."""
-    keys = []
-    for text in overrides:
-        if not text.split("=", 1)[0].strip().startswith("model."):
-            raise ParamsError(f"override {text!r}: convert-upstream only accepts model.* keys")
-        keys.append(text)
-    doc = apply_overrides({"model": dict(inferred)}, keys)
-    try:
-        return ModelParams.model_validate(doc["model"])
-    except Exception as exc:  # pydantic.ValidationError
-        if hasattr(exc, "errors"):
-            raise ParamsError(format_validation_error(exc, "convert-upstream")) from None  # type: ignore[arg-type]
-        raise
+def resolve_config(inferred: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of inferred fields with ``overrides`` (field name -> value) applied.
+
+    Raises:
+        ModelConfigError: an unknown key or an invalid value.
+    """
+    return ModelConfig.from_dict({**inferred, **(overrides or {})})
 
 
-def upstream_params_and_state(
-    checkpoint: Checkpoint, overrides: Sequence[str] = ()
-) -> tuple[ModelParams, dict[str, torch.Tensor]]:
-    """Inferred params and the converted (float32) state dict of an upstream checkpoint.
+#: Turns the fields :func:`infer_model_params` read into the config to build (e.g. with overrides applied).
+Resolver = Callable[[Mapping[str, Any]], ModelConfig]
+
+
+def upstream_config_and_state(
+    checkpoint: Checkpoint, resolve: Resolver = resolve_config
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Inferred config and the converted (float32) state dict of an upstream checkpoint.
+
+    Args:
+        checkpoint: from :func:`read_checkpoint`.
+        resolve: inferred fields -> config; ``functools.partial(resolve_config, overrides={...})`` overrides
+            some (e.g. ``multiscale_input="add"``, which the shapes cannot tell from ``none``).
 
     Raises:
         AlreadyConvertedError: the file is in this package's layout.
-        ValueError: not a BiRefNet checkpoint this converter maps.
-        ParamsError: an invalid override.
+        ValueError: not a BiRefNet checkpoint this converter maps (``ModelConfigError``: an invalid override).
     """
     if checkpoint.layout == "birefnet":
         has_params = OUR_PARAMS_KEY in checkpoint.metadata
@@ -421,70 +421,31 @@ def upstream_params_and_state(
             f"{checkpoint.path} is already a birefnet checkpoint (this package's encoder.*/decoder.* keys"
             + (f" and {OUR_PARAMS_KEY!r} metadata" if has_params else "")
             + "): it needs no conversion; use it as it is (train.init_from, birefnet.load_model, predict --model)")
-    params = resolve_params(infer_model_params(checkpoint.state), overrides)
-    return params, to_float32(convert_state_dict(checkpoint.state))
+    config = resolve(infer_model_params(checkpoint.state))
+    return config, to_float32(convert_state_dict(checkpoint.state))
 
 
 def convert_checkpoint(
-    source: str | Path, target: str | Path, overrides: Sequence[str] = ()
-) -> tuple[ModelParams, Path]:
+    source: str | Path, target: str | Path, resolve: Resolver = resolve_config
+) -> tuple[ModelConfig, Path]:
     """Read an upstream checkpoint (``.pth`` or Hugging Face ``model.safetensors``), convert, check it loads
-    strictly, and write our safetensors (float32, with the model params embedded).
+    strictly, and write our safetensors (float32, with the model config embedded).
+
+    Args:
+        source: the upstream file.
+        target: the ``.safetensors`` to write.
+        resolve: inferred fields -> config (see :func:`upstream_config_and_state`).
 
     Returns:
-        The resolved params and the written path.
+        The resolved config and the written path.
     """
     from birefnet.models.io import save_model
     from birefnet.models.registry import build_model
 
     checkpoint = read_checkpoint(source)
-    params, converted = upstream_params_and_state(checkpoint, overrides)
+    config, converted = upstream_config_and_state(checkpoint, resolve)
     with torch.device("meta"):
-        model = build_model(params)
+        model = build_model(config)
     model.load_state_dict(converted, strict=True, assign=True)
     extra = {"birefnet.source": Path(source).name, "birefnet.source_format": f"upstream-{checkpoint.container}"}
-    return params, save_model(model, params, target, extra=extra)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="birefnet convert-upstream",
-        description="Convert a published BiRefNet checkpoint (upstream layout: a release .pth or a Hugging Face "
-                    "model.safetensors; Swin or PVT-v2 backbone) to a birefnet safetensors file carrying its model "
-                    "params. The format is read from the file's content, not its extension.",
-    )
-    parser.add_argument("source", type=Path, help="upstream checkpoint (.pth loaded with weights_only=True, or "
-                                                  "model.safetensors)")
-    parser.add_argument("target", type=Path, help="output .safetensors")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="model.KEY=VALUE",
-        help="override an inferred model param (repeatable), e.g. --set model.deform_impl=torchvision",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 written, 2 bad arguments (missing source, invalid override), 3 a source file that cannot be
-    converted (unreadable, foreign, already ours, or tensors that do not fit the inferred architecture)."""
-    args = get_args_parser().parse_args(argv)
-    if not args.source.is_file():
-        print(f"convert-upstream: {args.source}: no such file", file=sys.stderr)
-        return 2
-    try:
-        params, path = convert_checkpoint(args.source, args.target, args.overrides)
-    except ParamsError as exc:
-        print(f"convert-upstream: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError) as exc:
-        print(f"convert-upstream: {exc}", file=sys.stderr)
-        return 3
-    print(f"wrote {path} ({params.encoder}, {params.model_dump_json()})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return config, save_model(model, target, extra=extra)

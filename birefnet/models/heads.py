@@ -1,21 +1,20 @@
-"""Prediction heads of BiRefNet (Zheng et al., CAAI AIR 2024) and the outward-reference gradient map.
+"""Prediction heads of BiRefNet (Zheng et al., CAAI AIR 2024).
 
 * ``GradientHead``: the outward reference of one decoder stage: a 3x3 conv -> BN -> ReLU trunk, a 1x1
   gradient prediction and a 1x1 attention whose sigmoid multiplies the stage's features.
 * ``ClassificationHead``: the auxiliary classification head (global average pool -> linear).
-* ``gradient_map``: the gradient label base: a normalised 5x5 Laplacian (reflect border) of the channel
-  mean of the normalised input image, as upstream computes it with kornia.
+
+The gradient label those heads learn (``gradient_map``) lives in :mod:`birefnet.imaging`, shared with the data
+pipeline that precomputes it.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Width of the gradient heads' trunk.
 GRADIENT_CHANNELS = 16
-LAPLACIAN_KERNEL_SIZE = 5
 
 
 class GradientHead(nn.Module):
@@ -66,27 +65,3 @@ class ClassificationHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, num_classes) logits."""
         return self.fc(features.mean(dim=(2, 3)))
-
-
-def laplacian_kernel(size: int = LAPLACIAN_KERNEL_SIZE) -> torch.Tensor:
-    """(size, size) Laplacian: ones with centre ``1 - size**2``, divided by the sum of absolute values."""
-    kernel = torch.ones(size, size)
-    kernel[size // 2, size // 2] = 1 - size * size
-    return kernel / kernel.abs().sum()
-
-
-def gradient_map(image: torch.Tensor, kernel_size: int = LAPLACIAN_KERNEL_SIZE) -> torch.Tensor:
-    """Gradient-label base of the outward reference.
-
-    Args:
-        image: ``(B, 3, H, W)`` normalised image.
-
-    Returns:
-        ``(B, 1, H, W)`` normalised Laplacian (reflect padding) of the channel mean.
-    """
-    gray = image.mean(dim=1, keepdim=True)
-    kernel = (
-        laplacian_kernel(kernel_size).to(device=image.device, dtype=gray.dtype).view(1, 1, kernel_size, kernel_size)
-    )
-    pad = kernel_size // 2
-    return F.conv2d(F.pad(gray, (pad, pad, pad, pad), mode="reflect"), kernel)

@@ -1,59 +1,93 @@
-"""Model weights in safetensors with the resolved ``model`` params embedded.
+"""Model weights in safetensors with the model's configuration embedded.
 
-``save_model`` writes the state dict and, in the file's metadata, the JSON of the ``ModelParams`` it was
-built from; ``load_model`` rebuilds the same architecture from the file alone (``birefnet.load_model``).
-A file that cannot be used (truncated, not safetensors, not written by ``save_model``, tensors that do not fit
-the embedded params) raises :class:`ModelFileError` naming the file and what was expected.
+``save_model`` writes the state dict and, in the file's metadata, the JSON of the :class:`ModelConfig` the model
+was built from (``model.config``); ``load_model`` rebuilds the same architecture from the file alone
+(``birefnet.load_model``) and returns a model carrying that config. A file that cannot be used (truncated, not
+safetensors, not written by ``save_model``, tensors that do not fit the embedded config) raises
+:class:`ModelFileError` naming the file and what was expected.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from birefnet.config import ModelParams
 from birefnet.errors import ModelFileError
 from birefnet.models.birefnet import BiRefNet
+from birefnet.models.config import ModelConfig, ModelConfigError, SupportsToConfig, as_model_config
 from birefnet.models.registry import build_model
 
-#: Metadata key holding the ``ModelParams`` JSON.
+#: Metadata key holding the ``ModelConfig`` JSON.
 PARAMS_KEY = "birefnet.model_params"
 FORMAT_KEY = "birefnet.format"
 FORMAT_VERSION = "1"
 
 
 def save_model(
-    model: torch.nn.Module, params: ModelParams, path: str | Path, extra: dict[str, str] | None = None
+    model: torch.nn.Module,
+    path: str | os.PathLike[str] | ModelConfig | SupportsToConfig,
+    legacy_path: str | os.PathLike[str] | None = None,
+    *,
+    extra: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model``'s state dict and ``params`` to a safetensors file.
+    """Write ``model``'s state dict and its config to a safetensors file.
+
+    ``save_model(model, path)`` embeds ``model.config`` (set by ``build_model``, ``create_model`` and
+    ``load_model``). The older form ``save_model(model, config, path)`` embeds the given config (a
+    ``ModelConfig`` or the params' ``model`` group) instead.
 
     Args:
         model: a ``BiRefNet`` (a DDP/compiled wrapper is unwrapped).
-        params: the ``ModelParams`` the model was built from (embedded as JSON metadata).
-        path: output ``.safetensors`` path (parent folders are created; written atomically).
+        path: output ``.safetensors`` path (parent folders are created; written atomically); in the older form,
+            the config.
+        legacy_path: the output path in the older form.
         extra: more string metadata (e.g. a git commit).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: no config given and the model carries none.
+        TypeError: ``path`` is not a path in the one-path form.
     """
-    model = _unwrap(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model = unwrap_model(model)
+    if legacy_path is None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"save_model(model, path): path must be a str or path, given {type(path).__name__} "
+                            "(the older form is save_model(model, config, path))")
+        config, target = model_config_of(model), Path(path)
+    else:
+        config, target = as_model_config(path), Path(legacy_path)  # type: ignore[arg-type]
+    target.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # The ImageNet file only matters at first build; the checkpoint carries every weight.
-    resolved = params.model_copy(update={"encoder_weights": None})
-    metadata = {PARAMS_KEY: resolved.model_dump_json(), FORMAT_KEY: FORMAT_VERSION, **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
+    resolved = config.replace(encoder_weights=None)
+    metadata = {PARAMS_KEY: resolved.to_json(), FORMAT_KEY: FORMAT_VERSION, **(extra or {})}
+    tmp = target.with_name(target.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     _sort_metadata(tmp)
-    tmp.replace(path)
-    return path
+    tmp.replace(target)
+    return target
+
+
+def model_config_of(model: torch.nn.Module) -> ModelConfig:
+    """The :class:`ModelConfig` a model carries (``model.config``; wrappers are unwrapped).
+
+    Raises:
+        ValueError: the model carries none (built without ``build_model``/``create_model``/``load_model``).
+    """
+    config = getattr(unwrap_model(model), "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"{type(unwrap_model(model)).__name__} carries no model config (model.config, set by "
+                         f"build_model, create_model and load_model; found {type(config).__name__}); pass it: "
+                         "save_model(model, config, path)")
+    return config
 
 
 def _sort_metadata(path: Path) -> None:
@@ -100,8 +134,8 @@ def _unreadable(path: str | Path, exc: BaseException) -> str:
             "download or copy looks like this: fetch it again)")
 
 
-def read_model_params(path: str | Path) -> ModelParams:
-    """The ``ModelParams`` embedded in a file written by ``save_model``.
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` embedded in a file written by ``save_model``.
 
     Raises:
         ModelFileError: unreadable file, no ``PARAMS_KEY`` metadata, or metadata that is not valid params.
@@ -115,8 +149,11 @@ def read_model_params(path: str | Path) -> ModelParams:
         raise ModelFileError(f"{path}: no {PARAMS_KEY!r} metadata; not written by birefnet save_model (an upstream "
                              "BiRefNet .pth or model.safetensors converts with `birefnet convert-upstream`)")
     try:
-        return ModelParams.model_validate(json.loads(metadata[PARAMS_KEY]))
-    except (json.JSONDecodeError, ValidationError) as exc:
+        values = json.loads(metadata[PARAMS_KEY])
+        if not isinstance(values, dict):
+            raise ModelConfigError(f"expected a JSON object, given {type(values).__name__}")
+        return ModelConfig.from_dict(values)
+    except (json.JSONDecodeError, ModelConfigError) as exc:
         raise ModelFileError(f"{path}: metadata {PARAMS_KEY!r} is not valid model params: {exc}") from None
 
 
@@ -138,19 +175,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     Args:
         path: the ``.safetensors`` file.
         device: where to put the model.
-        **overrides: ``ModelParams`` fields that do not change the weights layout, e.g.
+        **overrides: ``ModelConfig`` fields that do not change the weights layout, e.g.
             ``deform_impl="torchvision"`` or ``gradient_checkpointing=True``.
 
     Returns:
-        The model in eval mode; ``model(image).logits`` is the ``(B, 1, H, W)`` prediction.
+        The model in eval mode, carrying its config as ``model.config``; ``model(image).logits`` is the
+        ``(B, 1, H, W)`` prediction.
 
     Raises:
-        ModelFileError: the file is unreadable, truncated, foreign, or its tensors do not fit its params.
+        ModelFileError: the file is unreadable, truncated, foreign, or its tensors do not fit its config.
+        ModelConfigError: an override that is not a valid ``ModelConfig`` value.
     """
-    params = read_model_params(path)
+    config = read_model_config(path)
     if overrides:
-        params = ModelParams.model_validate({**params.model_dump(), **overrides})
-    model = build_model(params)
+        config = config.replace(**overrides)
+    model = build_model(config)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -163,10 +202,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     return model.to(device).eval()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers."""
+def unwrap_model(model: torch.nn.Module, *, keep_compiled: bool = False) -> torch.nn.Module:
+    """The model inside DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers (any nesting).
+
+    Args:
+        model: the model, wrapped or not.
+        keep_compiled: strip DDP only, keeping a ``torch.compile`` wrapper, so calling the result still runs the
+            compiled forward (the training loop evaluates through it).
+    """
     while True:
-        if hasattr(model, "_orig_mod"):
+        if not keep_compiled and hasattr(model, "_orig_mod"):
             model = model._orig_mod  # type: ignore[assignment]
         elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module  # type: ignore[assignment]

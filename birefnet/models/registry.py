@@ -1,19 +1,21 @@
 """Registry of BiRefNet variants, timm style: ``register_model``, ``create_model``, ``list_models``.
 
-Variants are registered in ``birefnet/models/birefnet.py`` (importing ``birefnet.models`` fills the
-registry; nothing else happens at import). ``build_model(params)`` is the one entry point that turns the
-``model`` params group into a module.
+Variants are registered in ``birefnet/models/birefnet.py`` (the first ``create_model``/``list_models`` call, or
+importing that module, fills the registry; nothing else happens at import). ``build_model(config)`` is the one
+entry point that turns a :class:`ModelConfig` (or the params' ``model`` group) into a module; every variant
+builds through it, so every model carries its config as ``model.config`` (as timm models carry
+``pretrained_cfg``).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from birefnet.config import ModelParams
     from birefnet.models.birefnet import BiRefNet
+    from birefnet.models.config import ModelConfig, SupportsToConfig
 
 _ENTRYPOINTS: dict[str, Callable[..., Any]] = {}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,10 +41,14 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, **kwargs: Any) -> BiRefNet:
-    """Build a registered variant; keyword arguments override its ``BiRefNet`` arguments.
+    """Build a registered variant; keyword arguments override its :class:`ModelConfig` fields.
+
+    Returns:
+        The model, carrying the resolved config as ``model.config``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
+        ModelConfigError: invalid keyword arguments.
     """
     _ensure_registered()
     if name not in _ENTRYPOINTS:
@@ -50,8 +56,20 @@ def create_model(name: str, **kwargs: Any) -> BiRefNet:
     return _ENTRYPOINTS[name](**kwargs)
 
 
-def build_model(params: ModelParams) -> BiRefNet:
-    """Build BiRefNet from the ``model`` params group (the only place that reads model config)."""
-    from birefnet.models.birefnet import BiRefNet
+def build_model(config: ModelConfig | SupportsToConfig | Mapping[str, Any]) -> BiRefNet:
+    """Build BiRefNet from its config (the only place that reads model config).
 
-    return BiRefNet(**params.model_dump())
+    Args:
+        config: a :class:`ModelConfig`, the params' ``model`` group (anything with ``to_config()``) or a mapping
+            of ``ModelConfig`` fields.
+
+    Returns:
+        The model (train mode, random or ``encoder_weights`` init), carrying the config as ``model.config``.
+    """
+    from birefnet.models.birefnet import BiRefNet
+    from birefnet.models.config import as_model_config
+
+    resolved = as_model_config(config)
+    model = BiRefNet(**resolved.to_dict())
+    model.config = resolved
+    return model

@@ -50,15 +50,20 @@ def load_or_exit(args: argparse.Namespace) -> Params | int:
         return EXIT_BAD_PARAMS
 
 
-def run_stage(name: str, func, args: argparse.Namespace) -> int:  # noqa: ANN001
-    """Load params, then call ``func(params, args)``; map known errors to exit codes with clear messages."""
+def run_stage(name: str, func, args: argparse.Namespace,  # noqa: ANN001
+              input_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Load params, then call ``func(params, args)``; map known errors to exit codes with clear messages.
+
+    :class:`StageInputError`, and the library errors a command names in ``input_errors`` (e.g. the registry's
+    ``RegistryError``), exit with ``EXIT_BAD_INPUT``; :class:`ParamsError` with ``EXIT_BAD_PARAMS``.
+    """
     setup_logging(getattr(args, "quiet", False))
     params = load_or_exit(args)
     if isinstance(params, int):
         return params
     try:
         func(params, args)
-    except StageInputError as exc:
+    except (StageInputError, *input_errors) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ParamsError as exc:

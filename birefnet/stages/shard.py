@@ -5,6 +5,11 @@ points to and, with ``gradients.mode: precomputed``, the gradient labels ``<grad
 Writes ``<shard.out>/<split>/<set>-%06d.tar`` and ``<shard.out>/<split>/index.json`` (shards, sample counts,
 sha256). Samples of a set are written in the order of their manifest key, encoded by ``data.workers`` processes.
 
+``shard.out`` may be an object-store URL (``s3://bucket/prefix``; credentials and endpoint from the AWS variables,
+e.g. ``AWS_ENDPOINT_URL_S3`` for MinIO): shards are then uploaded as they are written, nothing staged locally. That
+is for the cluster path (``birefnet shard --set shard.out=s3://...`` outside DVC): the dvc.yaml ``outs`` entry stays
+a local folder, because DVC tracks and caches local outputs only.
+
 Usage::
 
     python -m birefnet.stages.shard --params params.yaml [--set shard.max_samples=128]
@@ -34,6 +39,9 @@ from birefnet.data.shards import (
     SplitIndex,
     clean_split_folder,
     encode_sample,
+    is_url,
+    join_location,
+    remove_location,
     safe_name,
     write_atomic,
 )
@@ -167,17 +175,17 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
     options = EncodeOptions(size=size if shard.resize else None, image_format=shard.image_format,
                             quality=shard.quality, png_compression=shard.png_compression,
                             gradient_size=size, max_pixels=params.data.max_image_pixels)
-    out = Path(shard.out)
+    out = str(shard.out) if is_url(shard.out) else Path(shard.out)
     total = sum(len(items) for sets in grouped.values() for items in sets.values())
     log.info("sharding %d samples (%s) into %s with %d worker(s)", total,
              ", ".join(f"{s}: {sum(len(v) for v in grouped[s].values())}" for s in SPLITS if s in grouped),
              out, max(1, params.data.workers))
     # Readers enter through index.json: remove every index first so an interrupted run leaves none behind.
     for split in SPLITS:
-        (out / split / INDEX_NAME).unlink(missing_ok=True)
+        remove_location(join_location(out, split, INDEX_NAME))
     for split in SPLITS:
-        if split not in grouped and (out / split).is_dir():
-            clean_split_folder(out / split)
+        if split not in grouped:
+            clean_split_folder(join_location(out, split))
 
     indexes: dict[str, SplitIndex] = {}
     encode = functools.partial(_encode, options=options)
@@ -188,7 +196,7 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
             for split in SPLITS:
                 if split not in grouped:
                     continue
-                folder = out / split
+                folder = join_location(out, split)
                 clean_split_folder(folder)
                 index = SplitIndex(split=split, size=list(size) if shard.resize else None,
                                    image_ext=f"image.{shard.image_format}", gradient=with_gradient,
@@ -212,7 +220,7 @@ def run(params: Params, quiet: bool = False) -> dict[str, SplitIndex]:
                              sum(s.bytes for s in shards) / 2**20)
                 keep = [s["file"] for v in index.sets.values() for s in v["shards"]]
                 clean_split_folder(folder, keep=keep)
-                write_atomic(folder / INDEX_NAME, index.to_json())
+                write_atomic(join_location(folder, INDEX_NAME), index.to_json())
                 indexes[split] = index
     except SampleError as exc:
         raise StageInputError(str(exc)) from None

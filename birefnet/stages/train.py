@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import shutil
@@ -20,21 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from birefnet.config import Params, params_to_dict
+from birefnet.hashing import training_data_digest
 from birefnet.stages.common import StageInputError, add_params_args, run_stage
 
 log = logging.getLogger("birefnet.train")
 
 
 def data_digest(params: Params) -> str:
-    """Digest of the shard indexes the run reads (train and val)."""
-    h = hashlib.sha256()
-    for split in ("train", "val"):
-        index = Path(params.shard.out) / split / "index.json"
-        if split == "train" and not index.is_file():
-            raise StageInputError(f"{index} not found: run the shard stage first (birefnet shard)")
-        if index.is_file():
-            h.update(index.read_bytes())
-    return h.hexdigest()
+    """Digest of the shard indexes the run reads (train and val: :func:`birefnet.hashing.training_data_digest`)."""
+    from birefnet.data.shards import join_location
+    from birefnet.hashing import read_optional_bytes
+
+    index = join_location(params.shard.out, "train", "index.json")
+    if read_optional_bytes(index) is None:
+        raise StageInputError(f"{index} not found: run the shard stage first (birefnet shard)")
+    return str(training_data_digest(params.shard.out))
 
 
 OUTPUT_NAMES = ("model.safetensors", "history.csv", "train.json")
@@ -67,7 +66,7 @@ def publish_outputs(out: Path, model_file: Path, summary: dict[str, Any]) -> dic
     Returns:
         The summary written.
     """
-    from birefnet.data.io import sha256_file
+    from birefnet.hashing import sha256_file
     from birefnet.publish import OutputSet
 
     model, history, summary_path = (out / name for name in OUTPUT_NAMES)
@@ -80,11 +79,38 @@ def publish_outputs(out: Path, model_file: Path, summary: dict[str, Any]) -> dic
     return summary
 
 
+def start_system_metrics(run_id: str, tracking_uri: str) -> Any | None:
+    """MLflow's system metrics monitor on the training run, started: CPU, memory, disk, network (and GPU when
+    there is one) of the driver's node as ``system/*`` metrics, every 10 s (``MLFLOW_SYSTEM_METRICS_*``
+    variables change the interval); the whole machine when Ray runs in-process.
+
+    Returns:
+        The monitor, or None when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is set to false.
+    """
+    import os
+
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if os.environ.get(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.name, "").strip().lower() in ("false", "0", "no"):
+        return None
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def end_run(client: Any, run_id: str, monitor: Any | None, status: str) -> None:
+    """Stop the system metrics monitor (flushing its last samples), then end the run with ``status``."""
+    if monitor is not None:
+        monitor.finish()
+    client.set_terminated(run_id, status=status)
+
+
 def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | None = None) -> dict[str, Any]:
     """Train (or resume) and write the stage outputs; return the summary written to ``train.json``."""
     import mlflow
 
-    from birefnet.tracking import ensure_experiment, flatten, git_commit
+    from birefnet.tracking import ensure_experiment, flatten, git_commit, log_params
     from birefnet.training.init import InitWeightsError, with_init_model_params
     from birefnet.training.trainer import fit, run_name_for
 
@@ -101,15 +127,13 @@ def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | No
                                   "mlflow.source.git.commit": git_commit() or "unknown",
                                   "birefnet.data_digest": digest})
     run_id = run.info.run_id
+    monitor = start_system_metrics(run_id, uri)
     try:
-        flat = flatten("", params_to_dict(params))
-        items = list(flat.items())
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+        log_params(client, run_id, flatten("", params_to_dict(params)))
         result = fit(params, data_digest=digest, mlflow_run_id=run_id, tracking_uri=uri, fault=fault,
                      probe_dir=probe_dir)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        end_run(client, run_id, monitor, "FAILED")
         raise
     out = Path(params.train.out)
     summary = {
@@ -126,13 +150,13 @@ def run(params: Params, fault: dict[str, Any] | None = None, probe_dir: str | No
     try:
         summary = publish_outputs(out, result.best_checkpoint / "model.safetensors", summary)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        end_run(client, run_id, monitor, "FAILED")
         raise
     finally:
         shutil.rmtree(result.best_checkpoint, ignore_errors=True)
     client.log_artifact(run_id, str(out / "train.json"))
     client.log_artifact(run_id, str(out / "history.csv"))
-    client.set_terminated(run_id, status="FINISHED")
+    end_run(client, run_id, monitor, "FINISHED")
     return summary
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from birefnet.config import ModelParams
-from birefnet.models.io import _unwrap, save_model
+from birefnet.models.io import save_model, unwrap_model
 
 STATE_FILE = "state.json"
 
@@ -72,7 +72,7 @@ def load_training_state(folder: str | Path, *, model: torch.nn.Module, optimizer
         files = ", ".join(str(folder / n) for n in missing)
         raise FileNotFoundError(f"checkpoint {folder} is incomplete: missing {files}; cannot resume exactly (the "
                                 "optimiser state is part of the run)")
-    _unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     if scaler is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -14,25 +13,14 @@ import numpy as np
 import torch
 
 from birefnet.config import LossWeights
+from birefnet.imaging import predictions_to_uint8
+from birefnet.models.io import unwrap_model
+from birefnet.precision import autocast_for
 
 log = logging.getLogger("birefnet.train")
 
 #: ``criterion(output, batch, weights, supervise) -> (total, parts)``; parts are detached floats.
 Criterion = Callable[[Any, dict[str, Any], LossWeights, str], tuple[torch.Tensor, dict[str, float]]]
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``precision`` on ``device``: a no-op context for ``fp32``.
-
-    ``auto`` is bf16 on CUDA and fp32 elsewhere; ``bf16`` and ``fp16`` autocast to that type on any device (fp16
-    training needs a ``torch.amp.GradScaler``, see :func:`train_one_epoch`; on a CPU fp16 kernels are emulated).
-    """
-    if precision == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def native_cpu_bf16() -> bool:
@@ -54,18 +42,13 @@ def _to(batch: dict[str, Any], key: str, device: torch.device, channels_last: bo
     return value.contiguous(memory_format=torch.channels_last) if channels_last else value
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (``.module``), or the model itself."""
-    return model.module if hasattr(model, "module") else model
-
-
 def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The ``encoder`` submodule of ``model`` (inside a DDP or compile wrapper).
 
     Raises:
         AttributeError: the model has no ``encoder`` submodule.
     """
-    module = _unwrap(model)
+    module = unwrap_model(model, keep_compiled=True)
     encoder = getattr(module, "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         raise AttributeError(f"{type(module).__name__} has no `encoder` submodule to freeze")
@@ -227,7 +210,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor]
     Returns:
         The number of BatchNorm layers recalibrated (0 when the model has none or ``images`` is empty).
     """
-    module = _unwrap(model)
+    module = unwrap_model(model, keep_compiled=True)
     excluded = {id(m) for part in exclude for m in part.modules()}
     norms = [m for m in module.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in excluded]
@@ -254,12 +237,6 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor]
     return len(norms)
 
 
-def predictions_to_uint8(logits: torch.Tensor) -> np.ndarray:
-    """(B, 1, H, W) logits -> (B, H, W) uint8 probability maps (x255, truncated as upstream saves them)."""
-    probs = torch.sigmoid(logits.float()).clamp_(0, 1)
-    return (probs[:, 0] * 255).to(torch.uint8).cpu().numpy()
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device,
              precision: str = "auto", hce: bool = False, progress: Any = None,
@@ -274,7 +251,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], *, device
     """
     from birefnet.evaluation.metrics import MetricAccumulator, score_image
 
-    module = _unwrap(model)
+    module = unwrap_model(model, keep_compiled=True)
     module.eval()
     acc = MetricAccumulator()
     for batch in loader:

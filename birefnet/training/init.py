@@ -16,7 +16,6 @@ leaves keys out, fine-tunes without copying settings by hand.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,31 +88,16 @@ class InitReport:
 
 
 def _resolve_registered(uri: str, tracking_uri: str | None = None) -> Path:
-    """Download a registered model's files and return the safetensors inside.
+    """Download a registered model's files and return the safetensors inside (see
+    :func:`birefnet.tracking.download_registered_model`: resolved against ``tracking_uri`` when given)."""
+    from birefnet.tracking import RegistryRequestError, TrackingUnavailableError, download_registered_model
 
-    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` are resolved against ``tracking_uri`` explicitly: MLflow's
-    own ``models:/`` download reads the process-wide registry URI (``./mlflow.db`` in a fresh Ray worker) even when
-    given another one.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    artifact_uri = uri
     try:
-        match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
-        if match and tracking_uri:
-            name, alias, version = match.groups()
-            client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            if alias:
-                version = client.get_model_version_by_alias(name, alias).version
-            artifact_uri = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri))
-    except MlflowException as exc:
-        raise InitWeightsError(f"train.init_from {uri}: {exc.message} (registry {tracking_uri or 'default'})") from None
-    found = sorted(local.rglob("*.safetensors"))
-    if not found:
-        raise InitWeightsError(f"{uri}: no .safetensors file in the registered model's artifacts ({local})")
-    return found[0]
+        return download_registered_model(uri, tracking_uri)
+    except (FileNotFoundError, RegistryRequestError) as exc:  # the message starts with the URI
+        raise InitWeightsError(f"train.init_from {exc}") from None
+    except TrackingUnavailableError as exc:
+        raise InitWeightsError(f"train.init_from {uri}: {exc}") from None
 
 
 def _local_path(source: str, tracking_uri: str | None) -> Path:
@@ -149,8 +133,8 @@ def inspect_init_source(source: str, tracking_uri: str | None = None) -> InitSou
     Raises:
         InitWeightsError: missing, unreadable, not a BiRefNet checkpoint, or ours without embedded params.
     """
-    from birefnet.models.convert import infer_model_params, read_checkpoint, resolve_params
-    from birefnet.models.io import read_model_params
+    from birefnet.models.convert import infer_model_params, read_checkpoint, resolve_config
+    from birefnet.models.io import read_model_config
 
     path = _local_path(source, tracking_uri)
     try:
@@ -160,8 +144,8 @@ def inspect_init_source(source: str, tracking_uri: str | None = None) -> InitSou
             if checkpoint.container != "safetensors":
                 raise ValueError("this package's keys in a torch.save file (a training checkpoint?): use the "
                                  "model.safetensors that training or convert-upstream writes")
-            return InitSource(source, path, layout, read_model_params(path))
-        params = resolve_params(infer_model_params(checkpoint.state))
+            return InitSource(source, path, layout, ModelParams.from_config(read_model_config(path)))
+        params = ModelParams.from_config(resolve_config(infer_model_params(checkpoint.state)))
     except ValueError as exc:  # includes ModelFileError and ParamsError from an unusable file
         raise _init_error(source, path, exc) from None
     alternatives = {"multiscale_input": ("none", "add")} if params.multiscale_input == "none" else {}

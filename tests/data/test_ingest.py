@@ -205,7 +205,8 @@ def test_generic_im_gt_layout(tmp_path: Path) -> None:
         Image.fromarray(_mask()).save(root / "gt" / f"img {i}.png")
     params = load_params(_write_params(tmp_path), [f"data.root={root}", f"data.prepared={tmp_path / 'p'}",
                                                    "data.train_sets=[my_data]", "data.val_sets=[]",
-                                                   "data.test_sets=[]", "data.workers=1"])
+                                                   "data.test_sets=[]", "data.workers=1",
+                                                   "register.selection_sets=[]"])
     result = ingest(params, progress=False)
     assert sorted(r["key"] for r in result.records) == ["img 0", "img 1", "img 2"]
     assert all(r["set"] == "my_data" and r["split"] == "train" for r in result.records)

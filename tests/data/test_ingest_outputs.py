@@ -37,7 +37,8 @@ def _ingest(tmp_path: Path, root: Path, crash: str | None = None,
     cmd = [sys.executable, "-m", "birefnet.stages.ingest", "-q", "--params", str(params),
            "--set", f"data.root={root}", "--set", f"data.prepared={tmp_path / 'prepared'}",
            "--set", f"data.on_bad_sample={mode}", "--set", "data.train_sets=[DIS-TR]",
-           "--set", "data.val_sets=[]", "--set", "data.test_sets=[]", "--set", "data.workers=1"]
+           "--set", "data.val_sets=[]", "--set", "data.test_sets=[]", "--set", "data.workers=1",
+           "--set", "register.selection_sets=[]"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 

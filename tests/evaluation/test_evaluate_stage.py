@@ -81,10 +81,12 @@ def evaluated(workspace: Path) -> Path:
 
 def test_eval_json_schema_and_ranges(evaluated: Path) -> None:
     report = json.loads((evaluated / "metrics" / "eval.json").read_text())
-    assert set(report) == {"sets", "mean", "meta"}
+    assert set(report) == {"sets", "mean", "selection", "meta"}
     assert list(report["sets"]) == TEST_SETS
+    # the promotion gate's validation set is scored beside the test sets, never mixed into their mean
+    assert list(report["selection"]) == ["DIS-VD"]
     counts = TINY["data"]["synthetic"]["counts"]
-    for name, metrics in report["sets"].items():
+    for name, metrics in {**report["sets"], **report["selection"]}.items():
         assert list(metrics) == ["n", *METRIC_KEYS]
         assert metrics["n"] == counts[name]
         for key in METRIC_KEYS:
@@ -104,18 +106,20 @@ def _predictions(workspace: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray
     """(prediction, original GT) per set, computed here from the same model and shards."""
     import birefnet
     from birefnet.data.loader import eval_loader_from_params
-    from birefnet.stages.evaluate import predict
+    from birefnet.evaluation.runner import predict
 
     with _cwd(workspace):
         params = load_params("params.yaml")
         model = birefnet.load_model(params.evaluate.model)
         out = {}
-        for name in TEST_SETS:
+        for name in [*TEST_SETS, "DIS-VD"]:
             loader = eval_loader_from_params(params, name, batch_size=params.evaluate.batch_size, normalize=False)
             pairs = []
             for batch, preds in predict(model, loader, device=next(model.parameters()).device, precision="fp32"):
                 assert preds.dtype == np.uint8 and preds.shape[1:] == (64, 64)
-                pairs += [(p, m.numpy()) for p, m in zip(preds, batch["mask_original"], strict=True)]
+                # validation shards keep no original masks by default (shard.original_masks: [test])
+                masks = batch.get("mask_original", batch["mask"])
+                pairs += [(p, np.asarray(m).squeeze()) for p, m in zip(preds, masks, strict=True)]
             out[name] = pairs
     return out
 
@@ -123,15 +127,17 @@ def _predictions(workspace: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray
 def test_eval_json_equals_score_set_at_original_resolution(evaluated: Path) -> None:
     report = json.loads((evaluated / "metrics" / "eval.json").read_text())
     for name, pairs in _predictions(evaluated).items():
-        assert any(gt.shape != (64, 64) for _, gt in pairs)  # scored at the original size, not the input size
+        if name != "DIS-VD":  # test sets are scored at the original size, not the input size
+            assert any(gt.shape != (64, 64) for _, gt in pairs)
         expected = score_set(pairs).metrics
-        assert report["sets"][name] == pytest.approx(expected, rel=1e-12, abs=1e-12), name
+        scored = report["selection" if name == "DIS-VD" else "sets"][name]
+        assert scored == pytest.approx(expected, rel=1e-12, abs=1e-12), name
 
 
 def test_results_do_not_depend_on_worker_count(workspace: Path) -> None:
     import birefnet
     from birefnet.data.loader import eval_loader_from_params
-    from birefnet.stages.evaluate import evaluate_sets
+    from birefnet.evaluation.runner import evaluate_sets
 
     with _cwd(workspace):
         params = load_params("params.yaml")
@@ -328,7 +334,7 @@ def test_extra_metrics_reach_eval_json_and_the_per_image_csv(workspace: Path) ->
                      "--set", "evaluate.out=metrics/eval_extra.json"]) == 0
     report = json.loads((workspace / "metrics" / "eval_extra.json").read_text())
     for name, pairs in _predictions(workspace).items():
-        metrics = report["sets"][name]
+        metrics = report["selection" if name == "DIS-VD" else "sets"][name]
         assert list(metrics) == ["n", *METRIC_KEYS, *EXTRA_METRIC_KEYS]
         expected = score_set(pairs, extra=["mse", "mba", "biou"]).metrics
         assert metrics == pytest.approx(expected, rel=1e-12, abs=1e-12), name

@@ -61,13 +61,40 @@ def _existing_token() -> str | None:
         return None
 
 
+def hidden_from(folders: list[Path], command: list[str]) -> list[str]:
+    """``command`` run in its own mount namespace where each of ``folders`` is an empty tmpfs.
+
+    The process and everything it starts (a Ray node's raylet, its workers) see an empty folder where the
+    caller sees its files: a node "on another machine" that does not have the driver's folder.
+    """
+    mounts = " && ".join(f'mount -t tmpfs birefnet-hidden "{folder}"' for folder in folders)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && exec "$@"', "sh",
+            *command]
+
+
+def can_hide_folders() -> bool:
+    """Whether this machine lets the tests make a mount namespace (root or user namespaces allowed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(hidden_from([Path(folder)], ["true"]), capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
 @contextmanager
-def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.0) -> Iterator[str]:
+def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.0,
+                     hide: list[Path] | None = None) -> Iterator[str]:
     """Start a head and one worker node on 127.0.0.1; yield the address ``127.0.0.1:PORT``.
 
-    Sets ``RAY_AUTH_TOKEN`` for this process too (token auth is on: head, worker and driver share it).
+    Sets ``RAY_AUTH_TOKEN`` for this process too (token auth is on: head, worker and driver share it). Both
+    nodes start in ``workdir``; folders in ``hide`` are invisible (empty) to both nodes and every process they
+    start (:func:`hidden_from`), as on nodes of another machine.
     """
     workdir.mkdir(parents=True, exist_ok=True)
+
+    def wrap(command: list[str]) -> list[str]:
+        return hidden_from([p.resolve() for p in hide], command) if hide else command
+
     port = free_port()
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
@@ -76,8 +103,8 @@ def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.
     head_log = open(workdir / "head.log", "wb")  # noqa: SIM115 - closed below
     worker_log = open(workdir / "worker.log", "wb")  # noqa: SIM115
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--num-cpus={cpus_per_node}", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        wrap([str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+              f"--num-cpus={cpus_per_node}", "--include-dashboard=false", "--disable-usage-stats", "--block"]),
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     worker = None
     address = f"127.0.0.1:{port}"
@@ -85,8 +112,8 @@ def two_node_cluster(workdir: Path, cpus_per_node: int = 1, timeout: float = 90.
         _wait_port(port, timeout, head, workdir / "head.log")
         worker_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
         worker = subprocess.Popen(
-            [sys.executable, str(HERE / "ray_loopback_node.py"), "start", f"--address={address}",
-             f"--num-cpus={cpus_per_node}", "--disable-usage-stats", "--block"],
+            wrap([sys.executable, str(HERE / "ray_loopback_node.py"), "start", f"--address={address}",
+                  f"--num-cpus={cpus_per_node}", "--disable-usage-stats", "--block"]),
             env=worker_env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
         _wait_nodes(address, 2, timeout, worker, workdir / "worker.log")
         yield address

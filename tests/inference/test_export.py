@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from birefnet.export import PROB_TOLERANCE, check_parity, export_onnx, main, parity_shapes
+from birefnet.commands.export import main
+from birefnet.inference.export import PROB_TOLERANCE, check_parity, export_onnx, parity_shapes
 from birefnet.models import BiRefNet
 
 onnx = pytest.importorskip("onnx")
@@ -86,7 +87,7 @@ def test_export_rejects_sizes_and_opsets(tiny_model: BiRefNet, tmp_path: Path) -
 def test_swin_encoder_exports_with_dynamic_batch(tmp_path: Path) -> None:
     """The Swin encoder's SDPA window attention exports (traced: one call with the mask repeated per image)
     and the graph runs batches other than the traced one."""
-    from birefnet.export import export_and_check
+    from birefnet.inference.export import export_and_check
     from birefnet.models import create_model
 
     torch.manual_seed(0)

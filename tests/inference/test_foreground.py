@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from birefnet.foreground import blur_fusion_level, estimate_foreground
+from birefnet.inference.foreground import blur_fusion_level, estimate_foreground
 
 
 def composite(height: int = 120, width: int = 160) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -13,18 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from birefnet.commands.predict import main
+from birefnet.inference.files import PredictInputError, collect_inputs, plan_outputs
+from birefnet.inference.predict import model_resolution, predict_files, predict_images
+from birefnet.inference.processing import make_cutout, postprocess
 from birefnet.models import BiRefNet
-from birefnet.predict import (
-    PredictInputError,
-    collect_inputs,
-    main,
-    make_cutout,
-    model_resolution,
-    plan_outputs,
-    postprocess,
-    predict_files,
-    predict_images,
-)
 from tests.inference.tiny_model import TEST_SIZE
 
 
@@ -357,7 +350,7 @@ def test_refine_foreground_cutout_recovers_a_known_foreground() -> None:
 
 def test_cli_refine_foreground_writes_estimated_colours(tiny_model_file: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from birefnet.foreground import estimate_foreground
+    from birefnet.inference.foreground import estimate_foreground
 
     image = _rgb(33, 47, 9)
     Image.fromarray(image).save(tmp_path / "a.png")
@@ -396,8 +389,8 @@ def test_fp16_is_refused_off_cuda_with_exit_2(tiny_model_file: Path, tiny_model:
 def test_fp16_on_cuda_matches_fp32(tiny_model_file: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.fail("the gpu lane needs a CUDA device (torch.cuda.is_available() is False)")
+    from birefnet.inference.predict import inference_autocast
     from birefnet.models.io import load_model
-    from birefnet.predict import inference_autocast
 
     model = load_model(tiny_model_file, device="cuda")
     images = [_rgb(50, 70, 1), _rgb(90, 30, 2)]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from birefnet.data.io import ImageReadError
-from birefnet.serving import DEFAULT_MAX_IMAGE_PIXELS, BiRefNetPyfunc, ImageTooLargeError, predict_masks
+from birefnet.inference.serving import DEFAULT_MAX_IMAGE_PIXELS, BiRefNetPyfunc, ImageTooLargeError, predict_masks
 from tests.data.bomb_images import black_png, png_declaring
 
 

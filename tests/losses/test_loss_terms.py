@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
+from birefnet.config import LossWeights
 from birefnet.losses import (
-    PAPER_WEIGHTS,
-    REGION_WEIGHTS,
     BCELoss,
     BiRefNetLoss,
     ClassificationLoss,
@@ -17,7 +16,6 @@ from birefnet.losses import (
     IoULoss,
     MAELoss,
     SSIMLoss,
-    loss_weights,
 )
 from birefnet.losses.terms import gaussian_window
 from birefnet.models.birefnet import BiRefNetOutput
@@ -150,7 +148,7 @@ def test_composite_sums_terms_over_every_output(mask: torch.Tensor) -> None:
     logits = torch.randn(2, 1, 32, 32)
     output = model_like_output(mask, logits)
     classes = torch.tensor([0, 3])
-    total, parts = BiRefNetLoss(**PAPER_WEIGHTS)(output, mask, classes)
+    total, parts = BiRefNetLoss(bce=30, iou=0.5, ssim=10, mae=0, ce=5, gradient=1, mse=0)(output, mask, classes)
     assert set(parts) == {"bce", "iou", "ssim", "ce", "gradient"}
     maps = [
         torch.nn.functional.interpolate(m, size=(32, 32), mode="bilinear", align_corners=True)
@@ -174,16 +172,30 @@ def test_composite_near_zero_on_perfect_prediction(mask: torch.Tensor) -> None:
     assert total.item() == pytest.approx(0.0, abs=1e-4)
 
 
-def test_region_preset_has_no_bce(mask: torch.Tensor) -> None:
-    assert REGION_WEIGHTS["bce"] == 0 and REGION_WEIGHTS["iou"] > 0 and REGION_WEIGHTS["ssim"] > 0
-    total, parts = BiRefNetLoss.from_weights(loss_weights("region"))(
-        model_like_output(mask, torch.randn(2, 1, 32, 32)), mask
-    )
+def test_region_only_weights_drop_bce(mask: torch.Tensor) -> None:
+    region = BiRefNetLoss(bce=0, iou=0.5, ssim=10, ce=5, gradient=1)
+    total, parts = region(model_like_output(mask, torch.randn(2, 1, 32, 32)), mask)
     assert "bce" not in parts and {"iou", "ssim", "gradient"} <= set(parts)
-    with pytest.raises(ValueError):
-        loss_weights("region", nonsense=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bce"):
         BiRefNetLoss(bce=-1)
+
+
+def test_per_call_weights_match_constructor_weights_and_leave_the_module_unchanged(mask: torch.Tensor) -> None:
+    """The training criterion passes each stage's weights per call: same maths as a module built with them."""
+    output = model_like_output(mask, torch.randn(2, 1, 32, 32))
+    classes = torch.tensor([0, 3])
+    stage = LossWeights(bce=0, iou=0.25, ssim=9, mae=2, mse=1, ce=5, gradient=0.5)
+    loss = BiRefNetLoss()
+    before = dict(loss.weights)
+    total, parts = loss(output, mask, classes, weights=stage.model_dump())
+    expected_total, expected_parts = BiRefNetLoss(**stage.model_dump())(output, mask, classes)
+    assert loss.weights == before  # not mutated
+    assert list(parts) == list(expected_parts) == ["iou", "ssim", "mae", "mse", "ce", "gradient"]
+    for name, value in expected_parts.items():
+        torch.testing.assert_close(parts[name], value, rtol=0, atol=0)
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    _, default_parts = loss(output, mask, classes)  # the constructor's weights again (bce on, mae/mse off)
+    assert set(default_parts) == {"bce", "iou", "ssim", "ce", "gradient"}
 
 
 def test_bf16_autocast_losses_are_fp32_and_finite(mask: torch.Tensor) -> None:

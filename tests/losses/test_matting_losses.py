@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from birefnet.config import LossWeights, TrainParams, TrainStageParams, load_params
-from birefnet.losses import MATTING_WEIGHTS, BiRefNetLoss, MAELoss, MSELoss, loss_weights
+from birefnet.losses import BiRefNetLoss, MAELoss, MSELoss
 from birefnet.models.birefnet import BiRefNetOutput
 from birefnet.training.criterion import build_criterion
 from birefnet.training.schedule import Schedule
 
-PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = REPO / "params.yaml"
 
 
 def test_mse_hand_computed_value_and_zero_on_perfect_soft_prediction() -> None:
@@ -70,10 +71,13 @@ def test_composite_mse_part_is_weight_times_sum_over_maps() -> None:
     assert "mse" not in default_parts
 
 
-def test_matting_weights_are_upstreams() -> None:
-    assert {k: v for k, v in MATTING_WEIGHTS.items() if v} == {"bce": 30, "ssim": 10, "mae": 100, "gradient": 1}
-    assert loss_weights("matting", mse=1.0)["mse"] == 1.0
-    assert set(MATTING_WEIGHTS) == set(LossWeights.model_fields)
+def test_matting_recipe_weights_are_upstreams() -> None:
+    """configs/matting.yaml trains with upstream's Matting weights in both stages: BCE 30, MAE 100, SSIM 10."""
+    stages = load_params(REPO / "configs" / "matting.yaml").train.stages
+    assert [s.name for s in stages] == ["main", "finetune"]
+    for stage in stages:
+        active = {k: v for k, v in stage.loss.model_dump().items() if v}
+        assert active == {"bce": 30, "ssim": 10, "mae": 100, "gradient": 1}, stage.name
 
 
 def test_mse_and_mae_are_stage_loss_keys_with_per_epoch_decay() -> None:
@@ -99,7 +103,7 @@ def test_stage_loss_key_mse_validates_like_the_others() -> None:
 
 
 def test_training_criterion_applies_the_schedules_mse_weight() -> None:
-    criterion = build_criterion(load_params(PARAMS))
+    criterion = build_criterion()
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 1, 8, 8, generator=generator)
     mask = torch.rand(2, 1, 8, 8, generator=generator)

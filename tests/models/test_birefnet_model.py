@@ -7,11 +7,12 @@ import itertools
 import pytest
 import torch
 
-from birefnet.config import ModelParams, load_params
+from birefnet.config import load_params
+from birefnet.imaging import gradient_map, laplacian_kernel, laplacian_kernel_torch
 from birefnet.losses import BiRefNetLoss
 from birefnet.models import BiRefNet, BiRefNetOutput, build_model, create_model, list_models
+from birefnet.models.config import ModelConfig, ModelConfigError
 from birefnet.models.decoder import image_to_patches
-from birefnet.models.heads import gradient_map, laplacian_kernel
 
 SIZES = [(64, 64), (64, 96), (128, 64)]
 
@@ -138,19 +139,30 @@ def test_attention_strides_pick_the_blocks(strides: tuple[int, ...]) -> None:
 
 
 def test_attention_strides_rejects_unknown_and_repeated() -> None:
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError, match="attention_strides"):
-        ModelParams(attention_strides=(32, 12))
-    with pytest.raises(ValidationError, match="lists a stride twice"):
-        ModelParams(attention_strides=(32, 32))
+    with pytest.raises(ModelConfigError, match="attention_strides"):
+        ModelConfig(attention_strides=(32, 12))
+    with pytest.raises(ModelConfigError, match="lists a stride twice"):
+        ModelConfig(attention_strides=(32, 32))
 
 
 def test_batch_of_one_trains() -> None:
     """Upstream cannot train with batch 1 (BatchNorm over the pooled ASPP branch); this model can."""
     model = tiny().train()
     out = model(torch.randn(1, 3, 64, 64))
-    BiRefNetLoss()(out, torch.ones(1, 1, 64, 64))[0].backward()
+    assert out.logits.shape == (1, 1, 64, 64)
+    assert_one_step_trains(model, BiRefNetLoss()(out, torch.ones(1, 1, 64, 64))[0])
+
+
+def assert_one_step_trains(model: BiRefNet, total: torch.Tensor) -> None:
+    """The loss is finite, every gradient too, and one optimiser step changes the weights."""
+    assert torch.isfinite(total) and total.item() > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
 def test_gradient_checkpointing_same_loss_and_grads() -> None:
@@ -199,7 +211,7 @@ def test_registry_and_build_model() -> None:
     assert list_models("birefnet_swin*") == ["birefnet_swin_v1_l", "birefnet_swin_v1_t"]
     with pytest.raises(ValueError, match="unknown model"):
         create_model("nope")
-    model = build_model(ModelParams(encoder="test_convnext", attention="none", multiscale_input="none"))
+    model = build_model(ModelConfig(encoder="test_convnext", attention="none", multiscale_input="none"))
     assert model.encoder.out_channels == (24, 32, 48, 64)
 
 
@@ -207,7 +219,9 @@ def test_params_yaml_model_block_builds_and_steps(repo_root) -> None:  # noqa: A
     params = load_params(repo_root / "params.yaml").model
     model = build_model(params).train()
     out = model(torch.randn(2, 3, 64, 64))
-    BiRefNetLoss()(out, torch.zeros(2, 1, 64, 64))[0].backward()
+    assert out.logits.shape == (2, 1, 64, 64)
+    assert [tuple(s.shape[:2]) for s in out.stage_logits] == [(2, 1)] * len(out.stage_logits)
+    assert_one_step_trains(model, BiRefNetLoss()(out, torch.zeros(2, 1, 64, 64))[0])
 
 
 def test_unknown_encoder_message() -> None:
@@ -225,7 +239,8 @@ def test_image_to_patches_layout() -> None:
 
 
 def test_gradient_map_is_normalised_laplacian() -> None:
-    kernel = laplacian_kernel(5)
+    kernel = laplacian_kernel_torch(5)
     assert kernel[2, 2] == pytest.approx(-24 / 48) and kernel.sum().abs() < 1e-7
+    assert torch.equal(kernel, torch.from_numpy(laplacian_kernel(5)))  # the data pipeline's numpy kernel
     flat = gradient_map(torch.full((1, 3, 8, 8), 0.7))
     assert flat.shape == (1, 1, 8, 8) and flat.abs().max() < 1e-6

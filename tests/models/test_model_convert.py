@@ -12,17 +12,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from birefnet.config import ModelParams, ParamsError
+from birefnet.commands.convert_upstream import main, resolve_params
+from birefnet.config import ParamsError
 from birefnet.models import build_model, load_model, save_model
+from birefnet.models.config import ModelConfig
 from birefnet.models.convert import (
     convert_key,
     convert_state_dict,
     infer_model_params,
-    main,
     read_checkpoint,
-    resolve_params,
 )
-from birefnet.models.io import read_model_params
+from birefnet.models.io import read_model_config
 from tests.helpers.upstream_manifest import (
     PVT_V2,
     decoder_shape,
@@ -53,9 +53,9 @@ def test_manifest_loads_without_missing_or_unexpected(variant: str) -> None:
     doc = manifest(variant)
     upstream = meta_state(doc)
     inferred = infer_model_params(upstream)
-    assert ModelParams(**inferred) == ModelParams(encoder=variant)  # the published configuration = our defaults
+    assert ModelConfig(**inferred) == ModelConfig(encoder=variant)  # the published configuration = our defaults
     with torch.device("meta"):
-        model = build_model(ModelParams(**inferred))
+        model = build_model(ModelConfig(**inferred))
     converted = convert_state_dict(upstream)
     ours = model.state_dict()
     assert sorted(set(ours) - set(converted)) == []
@@ -115,8 +115,8 @@ def test_convert_upstream_cli_round_trip(tmp_path: Path, swin_t_upstream: dict[s
     target = tmp_path / "converted.safetensors"
     assert main([str(source), str(target), "--set", "model.deform_impl=torchvision"]) == 0
 
-    params = read_model_params(target)
-    assert params == ModelParams(encoder="swin_v1_t", deform_impl="torchvision")
+    config = read_model_config(target)
+    assert config == ModelConfig(encoder="swin_v1_t", deform_impl="torchvision")
     model = load_model(target)
     expected = convert_state_dict(upstream)
     state = model.state_dict()
@@ -185,9 +185,9 @@ def test_pvt_v2_b2_manifest_converts_strictly_on_meta() -> None:
     doc = manifest("pvt_v2_b2")
     upstream = meta_state(doc)
     inferred = infer_model_params(upstream)
-    assert ModelParams(**inferred) == ModelParams(encoder="pvt_v2_b2")  # upstream's default decoder config
+    assert ModelConfig(**inferred) == ModelConfig(encoder="pvt_v2_b2")  # upstream's default decoder config
     with torch.device("meta"):
-        model = build_model(ModelParams(**inferred))
+        model = build_model(ModelConfig(**inferred))
     converted = convert_state_dict(upstream)
     ours = model.state_dict()
     assert sorted(set(ours) - set(converted)) == []
@@ -204,7 +204,7 @@ def test_infer_model_params_pvt_v2_variants(variant: str) -> None:
     upstream = meta_state(doc)
     assert infer_model_params(upstream)["encoder"] == variant
     with torch.device("meta"):
-        model = build_model(ModelParams(encoder=variant))
+        model = build_model(ModelConfig(encoder=variant))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in convert_state_dict(upstream).items()} == ours
 
@@ -232,7 +232,7 @@ def test_convert_upstream_reads_safetensors_by_content(
     target = tmp_path / "converted.safetensors"
     assert main([str(source), str(target)]) == 0
 
-    assert read_model_params(target) == ModelParams(encoder="swin_v1_t")
+    assert read_model_config(target) == ModelConfig(encoder="swin_v1_t")
     with safe_open(str(target), framework="pt") as handle:
         assert handle.metadata()["birefnet.source_format"] == "upstream-safetensors"
         stored_dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys()}
@@ -246,8 +246,8 @@ def test_convert_upstream_reads_safetensors_by_content(
 
 
 def test_convert_upstream_refuses_our_own_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    params = ModelParams(encoder="test_convnext", attention="none", multiscale_input="none")
-    ours = save_model(build_model(params), params, tmp_path / "ours.safetensors")
+    config = ModelConfig(encoder="test_convnext", attention="none", multiscale_input="none")
+    ours = save_model(build_model(config), tmp_path / "ours.safetensors")
     assert read_checkpoint(ours, shapes_only=True).layout == "birefnet"
     assert main([str(ours), str(tmp_path / "again.safetensors")]) == 3
     err = capsys.readouterr().err

@@ -6,9 +6,11 @@ with ``prefect deployment run`` and followed through the server's REST API.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -252,6 +254,107 @@ def test_bad_input_fails_the_run_with_the_stage_error_and_no_retry(
     assert len(repro) == 1 and repro[0]["run_count"] == 1, repro
     assert run["run_count"] == 1
     assert "Retry" not in api.logs(run_id)
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout.strip()
+
+
+GIT = ["git", "-c", "user.name=publisher", "-c", "user.email=p@p", "-c", "commit.gpgsign=false"]
+
+
+def _publish_data(pub: Path, seed: int, message: str) -> None:
+    """A new version of the dataset in data/mine: written, dvc add-ed, pushed to the DVC remote, committed, pushed."""
+    bin_dir = Path(sys.executable).parent
+    shutil.rmtree(pub / "data/mine", ignore_errors=True)
+    _run([str(bin_dir / "birefnet"), "synthesize", "--set", "data.synthetic.out=data/mine", "--set",
+          f"data.synthetic.seed={seed}"], pub)
+    _run([str(bin_dir / "dvc"), "add", "-q", "data/mine"], pub)
+    _run([str(bin_dir / "dvc"), "push", "-q"], pub)
+    _run(["git", "add", "-A"], pub)
+    _run([*GIT, "commit", "-qm", message], pub)
+    _run(["git", "push", "-q", "origin", "HEAD:main"], pub)
+
+
+def _lock_out(lock_text: str, path: str) -> str:
+    import yaml
+
+    for stage in yaml.safe_load(lock_text)["stages"].values():
+        for item in [*stage.get("deps", []), *stage.get("outs", [])]:
+            if item["path"] == path:
+                return item["md5"]
+    raise AssertionError(f"{path} not in dvc.lock")
+
+
+def _branches(origin: Path) -> list[str]:
+    out = _run(["git", "--git-dir", str(origin), "for-each-ref", "--format=%(refname:short)", "refs/heads/retrain"],
+               origin)
+    return sorted(out.split())
+
+
+def test_new_data_in_the_remote_retrains_on_a_branch_and_overrides_leave_params_alone(
+        prefect_env: tuple[dict[str, str], Api], worker: Path, deployment: dict[str, Any], repo_root: Path,
+        tmp_path: Path) -> None:
+    """The issue's trail: a data version pushed to the DVC remote and origin reaches the next scheduled run, which
+    registers a new model version and leaves dvc.lock on a retrain/... branch in origin; an override run leaves
+    params.yaml in the deployment folder as it was."""
+    env, api = prefect_env
+    origin, remote, pub, deploy = (tmp_path / "origin.git", tmp_path / "dvc-remote", tmp_path / "pub",
+                                   tmp_path / "deploy")
+    _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    remote.mkdir()
+    make_clone(repo_root, pub, tiny_params(repo_root, {"data": {"root": "data/mine"}}))
+    bin_dir = Path(sys.executable).parent
+    _run([str(bin_dir / "dvc"), "remote", "add", "-d", "-f", "store", str(remote)], pub)
+    _run(["git", "remote", "add", "origin", str(origin)], pub)
+    _publish_data(pub, seed=1, message="data v1")
+    _run(["git", "clone", "-q", "-b", "main", str(origin), str(deploy)], tmp_path)
+
+    import mlflow
+
+    def versions() -> list[str]:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{deploy / 'mlflow.db'}",
+                                     registry_uri=f"sqlite:///{deploy / 'mlflow.db'}")
+        return sorted(str(v.version) for v in client.search_model_versions("name='birefnet'"))
+
+    def retrain(params: dict[str, Any] | None = None) -> dict[str, Any]:
+        run_id = _trigger(env, {"workdir": str(deploy), **(params or {})})
+        run = api.wait(run_id)
+        assert run["state_type"] == "COMPLETED", api.logs(run_id)[-4000:]
+        return next(x for x in api.artifacts(run_id) if x["key"] == "retrain-report")
+
+    retrain()
+    [first] = _branches(origin)
+    lock1 = _run(["git", "--git-dir", str(origin), "show", f"{first}:dvc.lock"], tmp_path)
+    assert versions() == ["1"]
+
+    _publish_data(pub, seed=2, message="data v2")
+    report2 = retrain()
+    second = next(b for b in _branches(origin) if b != first)
+    lock2 = _run(["git", "--git-dir", str(origin), "show", f"{second}:dvc.lock"], tmp_path)
+    assert _lock_out(lock2, "data/mine") != _lock_out(lock1, "data/mine")  # the new data version was used
+    assert _lock_out(lock2, "models/model.safetensors") != _lock_out(lock1, "models/model.safetensors")
+    assert versions() == ["1", "2"]  # ... and registered as a new model version
+    assert second in report2["data"]
+    # the branch starts from the publisher's new commit: its parent is origin/main
+    main_head = _run(["git", "--git-dir", str(origin), "rev-parse", "main"], tmp_path)
+    assert _run(["git", "--git-dir", str(origin), "rev-parse", f"{second}^"], tmp_path) == main_head
+
+    params_before = (deploy / "params.yaml").read_text()
+    retrain({"overrides": ["train.lr=0.0005"]})
+    third = next(b for b in _branches(origin) if b not in (first, second))
+    assert (deploy / "params.yaml").read_text() == params_before
+    assert _run(["git", "status", "--porcelain", "--untracked-files=no"], deploy) == ""
+    import yaml
+
+    branch_params = yaml.safe_load(_run(["git", "--git-dir", str(origin), "show", f"{third}:params.yaml"], tmp_path))
+    assert branch_params["train"]["lr"] == 0.0005
+    assert len(versions()) == 3  # the experiment's model went to the deployment's own store
+    print(f"\nretrain trail: {first} -> {second} (data/mine {_lock_out(lock1, 'data/mine')[:8]} -> "
+          f"{_lock_out(lock2, 'data/mine')[:8]}, dvc.lock sha256 {hashlib.sha256(lock2.encode()).hexdigest()[:12]}, "
+          f"model version 2); override run -> {third}, model version 3")
 
 
 def test_prefect_cli_deploy_all_reads_the_same_prefect_yaml(prefect_env: tuple[dict[str, str], Api],

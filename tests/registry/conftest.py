@@ -20,6 +20,8 @@ import yaml
 from tests.registry.servers import Server, start_mlflow_server
 
 TEST_SETS = ("DIS-TE1", "DIS-TE2")
+#: The promotion gate's validation set (``register.selection_sets`` default).
+SELECTION_SET = "DIS-VD"
 POSTGRES_ENV = "BIREFNET_TEST_POSTGRES_URI"
 BACKENDS = ["sqlite", *(["postgresql"] if os.environ.get(POSTGRES_ENV) else [])]
 
@@ -50,15 +52,21 @@ def write_model(tiny_model: Path, dst: Path, variant: str) -> Path:
 
 
 def write_eval(path: Path, sm: float, mae: float = 0.05, sets: tuple[str, ...] = TEST_SETS,
-               model: Path | None = None) -> Path:
+               model: Path | None = None, selection_sm: float | None = None) -> Path:
     """An ``eval.json`` in the evaluate stage's schema with the same scores on every set.
 
     ``model`` is the file it "scored": its sha256 goes into ``meta.model_sha256`` (the register stage checks it).
+    The gate's selection set (``SELECTION_SET``) scores ``selection_sm`` (default: ``sm``) for Sm and its F and E
+    measures.
     """
-    metrics = {"n": 4, "Sm": sm, "maxF": sm, "meanF": sm, "adpF": sm, "wF": sm, "maxE": sm, "meanE": sm,
-               "adpE": sm, "MAE": mae, "HCE": 10.0}
+    def scores(value: float) -> dict[str, float]:
+        return {"n": 4, "Sm": value, "maxF": value, "meanF": value, "adpF": value, "wF": value, "maxE": value,
+                "meanE": value, "adpE": value, "MAE": mae, "HCE": 10.0}
+
+    metrics = scores(sm)
     meta = {"model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()} if model is not None else {}
-    doc = {"sets": {s: dict(metrics) for s in sets}, "mean": {**metrics, "sets": list(sets)}, "meta": meta}
+    doc = {"sets": {s: dict(metrics) for s in sets}, "mean": {**metrics, "sets": list(sets)},
+           "selection": {SELECTION_SET: scores(sm if selection_sm is None else selection_sm)}, "meta": meta}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path

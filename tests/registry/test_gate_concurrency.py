@@ -124,7 +124,7 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
     client = _client(server_env.url)
     first = workspace(tmp_path / "first", tiny_model, "first", 0.60)
     write_params_yaml(first / "params.yaml", make_params(name, lease_s=1.0))
-    rc, out = _finish(_register(first, venv_bin, {"BIREFNET_TEST_CRASH_AT": "after_version_created"}))
+    rc, out = _finish(_register(first, venv_bin, {"BIREFNET_TEST_CRASH_AT": "register:after_version_created"}))
     assert rc == 137, out[-3000:]
     crashed = client.get_model_version(name, "1")
     assert GATE_PREFIX + "decision" not in crashed.tags and not crashed.aliases
@@ -139,7 +139,7 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
 
     second = workspace(tmp_path / "second", tiny_model, "second", 0.70)
     write_params_yaml(second / "params.yaml", make_params(name, lease_s=1.0))
-    rc, out = _finish(_register(second, venv_bin, {"BIREFNET_TEST_CRASH_AT": "champion_moved"}))
+    rc, out = _finish(_register(second, venv_bin, {"BIREFNET_TEST_CRASH_AT": "register:champion_moved"}))
     assert rc == 137, out[-3000:]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
     assert client.get_model_version(name, "2").tags[TAG_GATE_STATE] == "pending"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from birefnet.gate_lock import (
+from birefnet.registry.lock import (
     MLFLOW_LEASE,
     TAG_OWNER,
     FileGateLock,

@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 
 from birefnet import registry
-from birefnet.registry import CHALLENGER, CHAMPION, TAG_EVAL_SETS, TAG_HISTORY, TAG_SHA
-from tests.registry.conftest import TEST_SETS, make_params, unique_name, workspace, write_eval, write_params_yaml
+from birefnet.registry import CHALLENGER, CHAMPION, TAG_EVAL_SETS, TAG_HISTORY, TAG_SHA, RegistryError
+from tests.registry.conftest import (
+    SELECTION_SET,
+    TEST_SETS,
+    make_params,
+    unique_name,
+    workspace,
+    write_eval,
+    write_params_yaml,
+)
 
 
 def test_pyfunc_masks_at_input_resolution(tiny_model: Path) -> None:
-    from birefnet.serving import BiRefNetPyfunc
+    from birefnet.inference.serving import BiRefNetPyfunc
 
     model = BiRefNetPyfunc()
     model.load_context(SimpleNamespace(artifacts={"weights": str(tiny_model)},
@@ -61,7 +69,7 @@ def test_register_embedded_sqlite(tmp_path: Path, tiny_model: Path, monkeypatch:
     client = mlflow.MlflowClient(first["tracking_uri"], registry_uri=first["tracking_uri"])
     version = client.get_model_version(name, "1")
     assert version.tags[TAG_SHA] == first["content_sha256"]
-    assert set(json.loads(version.tags[TAG_EVAL_SETS])) == set(TEST_SETS)
+    assert set(json.loads(version.tags[TAG_EVAL_SETS])) == {*TEST_SETS, "DIS-VD"}  # reported and selection sets
     assert version.tags["birefnet.gate.reason"].startswith("no champion yet")
     assert any(k.startswith("birefnet.audit.") for k in version.tags)
     assert json.loads(client.get_registered_model(name).tags[TAG_HISTORY]) == ["1"]
@@ -90,7 +98,7 @@ def _cheap_versions(client, name: str, sms: list[float]) -> list[str]:  # noqa: 
     client.create_registered_model(name)
     out = []
     for i, sm in enumerate(sms):
-        tag = json.dumps({s: {"Sm": sm} for s in TEST_SETS})
+        tag = json.dumps({s: {"Sm": sm} for s in (*TEST_SETS, SELECTION_SET)})
         v = client.create_model_version(name, f"file:///nonexistent/{i}", tags={TAG_EVAL_SETS: tag})
         out.append(str(v.version))
     return out
@@ -100,7 +108,7 @@ def test_promote_and_rollback_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                                   capsys: pytest.CaptureFixture[str]) -> None:
     import mlflow
 
-    from birefnet.registry import main as promote_main
+    from birefnet.commands.promote import main as promote_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -160,10 +168,105 @@ def test_tracking_server_down_fails_fast(tmp_path: Path, tiny_model: Path, monke
 
 def test_missing_metrics_set_is_an_input_error(tmp_path: Path, tiny_model: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from birefnet.stages.common import StageInputError
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = workspace(tmp_path / "ws", tiny_model, "m", sm=0.5)
     write_eval(ws / "metrics" / "eval.json", 0.5, sets=("DIS-TE1",), model=ws / "models" / "model.safetensors")
-    with pytest.raises(StageInputError, match="DIS-TE2"):
+    with pytest.raises(RegistryError, match="DIS-TE2"):
         registry.register(make_params(unique_name()), base=ws)
+
+
+def test_gate_selects_on_the_validation_set_not_the_test_sets(tmp_path: Path, tiny_model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """register.selection_sets (DIS-VD) decides; the reported test sets do not (and stay in the version's tags)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = unique_name()
+    params = make_params(name)
+    ws = tmp_path / "ws"
+    workspace(ws, tiny_model, "first", sm=0.60)
+    assert registry.register(params, base=ws)["gate"]["decision"] == "first"
+    # much better on the test sets, worse on the validation set: rejected
+    workspace(ws, tiny_model, "test-overfit", sm=0.90)
+    write_eval(ws / "metrics" / "eval.json", 0.90, model=ws / "models" / "model.safetensors", selection_sm=0.55)
+    rejected = registry.register(params, base=ws)
+    assert rejected["gate"]["decision"] == "rejected" and rejected["gate"]["sets"] == ["DIS-VD"]
+    assert rejected["gate"]["challenger_score"] == pytest.approx(0.55)
+    # worse on the test sets, better on the validation set: promoted
+    workspace(ws, tiny_model, "val-better", sm=0.50)
+    write_eval(ws / "metrics" / "eval.json", 0.50, model=ws / "models" / "model.safetensors", selection_sm=0.70)
+    promoted = registry.register(params, base=ws)
+    assert promoted["gate"]["decision"] == "promoted" and CHAMPION in promoted["aliases"]
+    # with selection_sets empty the gate compares on the test sets: the champion scored 0.50 there, so a model
+    # at 0.45 loses however good its validation score
+    on_tests = params.model_copy(update={"register": params.register.model_copy(update={"selection_sets": []})})
+    workspace(ws, tiny_model, "tests-only", sm=0.45)
+    write_eval(ws / "metrics" / "eval.json", 0.45, model=ws / "models" / "model.safetensors", selection_sm=0.99)
+    fallback = registry.register(on_tests, base=ws)
+    assert fallback["gate"]["decision"] == "rejected" and fallback["gate"]["sets"] == list(TEST_SETS)
+
+
+def test_metrics_without_the_selection_set_are_an_input_error(tmp_path: Path, tiny_model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = workspace(tmp_path / "ws", tiny_model, "a", sm=0.5)
+    doc = json.loads((ws / "metrics" / "eval.json").read_text())
+    del doc["selection"]
+    (ws / "metrics" / "eval.json").write_text(json.dumps(doc))
+    with pytest.raises(RegistryError, match=r"DIS-VD.*register.selection_sets"):
+        registry.register(make_params(unique_name()), base=ws)
+
+
+def _train_summary(ws: Path, run_id: str) -> None:
+    """``models/train.json`` beside the model, naming the training run as the train stage does."""
+    import hashlib
+
+    model = ws / "models" / "model.safetensors"
+    (ws / "models" / "train.json").write_text(json.dumps({
+        "run_name": "train-test", "mlflow_run_id": run_id,
+        "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}), encoding="utf-8")
+
+
+def test_version_links_the_training_run_and_carries_the_metrics(tmp_path: Path, tiny_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version's run is the training run of train.json, its logged model holds the evaluation metrics (MLflow 3
+    model metrics) and names the version; the register run has the report folder; an unknown training run falls
+    back to the register run."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = unique_name()
+    params = make_params(name)
+    ws = workspace(tmp_path / "ws", tiny_model, "linked", sm=0.70)
+    uri = f"sqlite:///{(ws / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    train_run = client.create_run(client.create_experiment("train-runs"), run_name="train-test").info.run_id
+    client.set_terminated(train_run)
+    _train_summary(ws, train_run)
+    report = ws / params.evaluate.reports
+    report.mkdir(parents=True)
+    (report / "index.md").write_text("# hardest samples\n![](DIS-TE1_0.png)\n", encoding="utf-8")
+    (report / "DIS-TE1_0.png").write_bytes(b"\x89PNG\r\n\x1a\n fake figure")
+
+    first = registry.register(params, base=ws)
+    version = client.get_model_version(name, first["version"])
+    assert version.run_id == train_run  # the registry's run link is the training run, not the register run
+    assert version.tags["birefnet.register_run_id"] == first["run_id"] != train_run
+    assert version.tags["birefnet.train_run_id"] == train_run
+    model_id = version.source.removeprefix("models:/")
+    assert model_id.startswith("m-")
+    logged = client.get_logged_model(model_id)
+    metrics = {m.key: m.value for m in logged.metrics}
+    assert metrics["DIS-TE1.Sm"] == pytest.approx(0.70) and metrics["DIS-VD.MAE"] == pytest.approx(0.05)
+    assert metrics["gate.Sm"] == pytest.approx(0.70)
+    assert set(metrics) == {f"{s}.{m}" for s, values in json.loads(version.tags[TAG_EVAL_SETS]).items()
+                            for m in values} | {"gate.Sm"}  # the same numbers as the JSON tag, as metrics
+    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": name, "version": first["version"]}]
+    # the register run logged each metric once (the model's copy added no second point to its history)
+    assert len(client.get_metric_history(first["run_id"], "gate.Sm")) == 1
+    artifacts = {f.path for f in client.list_artifacts(first["run_id"], "evaluation/report")}
+    assert artifacts == {"evaluation/report/index.md", "evaluation/report/DIS-TE1_0.png"}
+
+    workspace(ws, tiny_model, "unknown-train-run", sm=0.60)
+    _train_summary(ws, "0" * 32)  # a run of another tracking server
+    second = registry.register(params, base=ws)
+    assert client.get_model_version(name, second["version"]).run_id == second["run_id"]

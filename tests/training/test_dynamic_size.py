@@ -103,13 +103,13 @@ def test_training_steps_run_at_the_drawn_sizes(repo_root: Path) -> None:
                for _ in range(3)]
     at = Schedule(params.train).at(2)
     size_at = Schedule(params.train).size_at(2)
-    out = train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(params),
+    out = train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(),
                           device=torch.device("cpu"), weights=at.weights, supervise="all", lr=1e-3, precision="fp32",
                           size_at=size_at)
     expected = [draw_dynamic_size(RANGES, seed=params.train.seed, epoch=2, step=s) for s in range(3)]
     assert seen == [(2, 3, h, w) for w, h in expected]
     assert len(set(expected)) > 1 and out["samples"] == 6 and np.isfinite(out["loss"])
     with pytest.raises(ValueError, match="size or size_at"):
-        train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(params),
+        train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(),
                         device=torch.device("cpu"), weights=at.weights, supervise="all", lr=1e-3, size=(64, 64),
                         size_at=size_at)

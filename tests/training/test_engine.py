@@ -35,7 +35,7 @@ def test_channels_last_trains_like_contiguous(repo_root) -> None:  # noqa: ANN00
             module.p = 0.0
     fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     assert fast.decoder.final_head.weight.is_contiguous(memory_format=torch.channels_last)
-    criterion = build_criterion(params)
+    criterion = build_criterion()
     stage = params.train.stages[0]
     results = []
     for model, channels_last in ((plain, False), (fast, True)):
@@ -78,7 +78,7 @@ def test_train_one_epoch_at_a_stage_size_keeps_the_last_images_as_loaded(repo_ro
     batches = _batches(3)
     recent: deque[torch.Tensor] = deque(maxlen=3)
     stage = params.train.stages[0]
-    epoch = train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(params),
+    epoch = train_one_epoch(model, batches, make_optimizer(model, params), build_criterion(),
                             device=torch.device("cpu"), weights=stage.loss, supervise="all", lr=1e-3,
                             precision="fp32", size=(32, 32), recent=recent)
     assert seen == [(2, 3, 32, 32)] * 3 and epoch["samples"] == 6
@@ -157,7 +157,7 @@ def test_bf16_autocast_on_cpu_tracks_fp32_and_learns(repo_root) -> None:  # noqa
     params = load_params(repo_root / "params.yaml", ["model.encoder=resnet10t", "model.drop_path_rate=0"])
     torch.manual_seed(0)
     base = build_model(params.model).to(memory_format=torch.channels_last)
-    criterion = build_criterion(params)
+    criterion = build_criterion()
     stage = params.train.stages[0]
     batches = _batches(1, size=64) * 12
     curves = {}

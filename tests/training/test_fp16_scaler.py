@@ -51,7 +51,7 @@ class InfAt:
 def _epoch(model, optimizer, params, batches, scaler, seed: int, **kwargs) -> dict[str, float]:  # noqa: ANN001
     torch.manual_seed(seed)
     stage = params.train.stages[0]
-    return train_one_epoch(model, batches, optimizer, build_criterion(params), device=torch.device("cpu"),
+    return train_one_epoch(model, batches, optimizer, build_criterion(), device=torch.device("cpu"),
                            weights=stage.loss, supervise="all", lr=1e-3, precision="fp32", scaler=scaler, **kwargs)
 
 
@@ -166,7 +166,7 @@ def test_fp16_autocast_with_grad_scaler_trains_on_cuda_and_resumes(params, tmp_p
     dtypes: list[torch.dtype] = []
     model.decoder.final_head.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     stage = params.train.stages[0]
-    criterion = build_criterion(params)
+    criterion = build_criterion()
 
     def epoch(m, opt, sc, seed: int) -> dict[str, float]:  # noqa: ANN001
         torch.manual_seed(seed)

@@ -49,7 +49,7 @@ def _run(model, optimizer, params, epochs: range, modes: list[bool] | None = Non
     ``modes`` collects the encoder's ``training`` flag at each of its forward calls inside the training epochs
     (one per step: params.yaml's ``model.multiscale_input`` is none).
     """
-    schedule, criterion = Schedule(params.train), build_criterion(params)
+    schedule, criterion = Schedule(params.train), build_criterion()
     out = []
     for epoch in epochs:
         at = schedule.at(epoch)

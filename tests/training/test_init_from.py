@@ -246,7 +246,7 @@ def test_finetune_recipe_one_step_from_a_converted_hugging_face_checkpoint(
     and starts from its weights."""
     from safetensors.torch import load_file
 
-    from birefnet.models.convert import main as convert
+    from birefnet.commands.convert_upstream import main as convert
     from birefnet.stages import gradients, ingest, shard, synthesize
     from birefnet.stages.train import run
 
@@ -293,9 +293,9 @@ def test_finetune_recipe_one_step_from_a_converted_hugging_face_checkpoint(
                for r in caplog.records)
     assert summary["history"][0]["global_step"] == 1
     out = tmp_path / "out" / "model.safetensors"
-    from birefnet.models.io import read_model_params
+    from birefnet.models.io import read_model_config
 
-    assert read_model_params(out) == ModelParams(encoder="swin_v1_t", deform_impl="sampling")
+    assert read_model_config(out) == ModelParams(encoder="swin_v1_t", deform_impl="sampling").to_config()
     start, trained = load_file(str(converted)), load_file(str(out))
     assert set(start) == set(trained)
     weights = [k for k in start if start[k].is_floating_point() and "running_" not in k]

@@ -15,7 +15,7 @@ import yaml
 
 from birefnet.config import load_params
 from tests.helpers.listeners import ListenerSampler, is_loopback
-from tests.helpers.ray_cluster import two_node_cluster
+from tests.helpers.ray_cluster import can_hide_folders, two_node_cluster
 from tests.helpers.tinyrepo import merge
 
 pytestmark = pytest.mark.slow
@@ -93,9 +93,11 @@ def _assert_loopback_only(sampler: ListenerSampler, probes: dict[tuple[int, int]
     assert len(rank0) > len(rank1) >= 1, (rank0, rank1)  # the store's socket is rank 0's extra listener
 
 
-def test_two_workers_ddp_in_process_and_schedule_switch(workspace: Path, tmp_path: Path) -> None:
+def test_two_workers_ddp_in_process_and_schedule_switch(workspace: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from birefnet.stages.train import run
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the default samples every 10 s
     with _in(workspace), ListenerSampler() as sampler:
         params = _params(workspace, "train.num_workers=2", f"train.run_name=ddp-{tmp_path.name}",
                          f"train.out={tmp_path / 'models'}")
@@ -120,6 +122,26 @@ def test_two_workers_ddp_in_process_and_schedule_switch(workspace: Path, tmp_pat
     import torch
 
     assert model(torch.zeros(1, 3, 64, 64)).logits.shape == (1, 1, 64, 64)
+    _assert_training_run_tracking(params, workspace, saved["mlflow_run_id"], epochs=2)
+
+
+def _assert_training_run_tracking(params, workspace: Path, run_id: str, epochs: int) -> None:  # noqa: ANN001
+    """The training run got a validation image per epoch from rank 0 (train.log_val_images of the first val set)
+    and the driver's system metrics."""
+    import mlflow
+
+    from birefnet.tracking import resolve_tracking_uri
+    from birefnet.training.trainer import VAL_IMAGE_KEY, VAL_IMAGES_TAG
+
+    client = mlflow.MlflowClient(resolve_tracking_uri(params.tracking, workspace))
+    run = client.get_run(run_id)
+    pngs = sorted(f.path for f in client.list_artifacts(run_id, "images") if f.path.endswith(".png"))
+    assert [p.split("+")[:3] for p in pngs] == [[f"images/{VAL_IMAGE_KEY}", "step", str(e)] for e in range(epochs)]
+    first_val_set = params.data.val_sets[0]
+    shown = min(params.train.log_val_images, TINY["data"]["synthetic"]["counts"][first_val_set])
+    assert run.data.tags[VAL_IMAGES_TAG].startswith(f"{first_val_set}: ")
+    assert len(run.data.tags[VAL_IMAGES_TAG].split(": ", 1)[1].split(", ")) == shown
+    assert "system/cpu_utilization_percentage" in run.data.metrics and run.info.status == "FINISHED"
 
 
 def test_worker_killed_mid_epoch_restores_from_checkpoint(workspace: Path, tmp_path: Path) -> None:
@@ -205,6 +227,62 @@ def test_two_node_cluster_one_worker_per_node(workspace: Path, tmp_path: Path) -
     assert len({item.pid for item in sampler.seen if item.process.endswith("raylet")}) == 2, "both nodes' raylets"
     assert probes[(0, 0)]["node"] != probes[(1, 0)]["node"]
     assert probes[(0, 0)]["params_sha256"] == probes[(1, 0)]["params_sha256"]
+
+
+def _node_views(address: str, folder: Path) -> list[list[str] | None]:
+    """What every node of the cluster at ``address`` lists in ``folder`` (None: no such folder there)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def look(path: str) -> list[str] | None:
+        return sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=0)(look)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        return ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                        .remote(str(folder)) for n in nodes])
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.skipif(not can_hide_folders(), reason="needs mount namespaces (unshare) to hide the driver's folder")
+def test_two_node_cluster_trains_without_the_driver_folder(workspace: Path, tmp_path: Path, repo_root: Path,
+                                                           s3_server, s3_bucket: str) -> None:  # noqa: ANN001
+    """Both nodes run in a mount namespace where the driver's folder is empty (as on other machines): the shards
+    and checkpoints are in the bucket, the code reaches the workers as a runtime_env py_module, nothing chdirs."""
+    import shutil
+
+    from birefnet.stages import shard
+    from birefnet.stages.train import run
+
+    driver = tmp_path / "driver"
+    shutil.copytree(workspace, driver, ignore=shutil.ignore_patterns("models", "shards", "mlruns*", "mlflow.db"))
+    shards, storage = f"s3://{s3_bucket}/shards", f"s3://{s3_bucket}/ray"
+    with _in(driver):
+        assert shard.main(["--params", "params.yaml", "-q", "--set", f"shard.out={shards}"]) == 0
+    shared = tmp_path / "shared"  # the tracking store every node reaches (a tracking server on a real cluster)
+    shared.mkdir()
+    with two_node_cluster(tmp_path / "ray", hide=[driver]) as address, _in(driver):
+        views = _node_views(address, driver)
+        params = _params(driver, f"shard.out={shards}", f"train.storage_path={storage}",
+                         f"train.ray_address={address}", "train.num_workers=2",
+                         "train.placement_strategy=STRICT_SPREAD", f"train.run_name=hidden-{tmp_path.name}",
+                         "train.stages=[{name: main, epochs: 1}]", f"tracking.uri=sqlite:///{shared / 'mlflow.db'}")
+        summary = run(params, probe_dir=str(shared / "probe"))
+    assert (driver / "params.yaml").is_file() and views == [[], []], views  # the nodes cannot see the driver's files
+    probes = _probes(shared / "probe")
+    assert probes[(0, 0)]["node"] != probes[(1, 0)]["node"]
+    assert probes[(0, 0)]["params_sha256"] == probes[(1, 0)]["params_sha256"]
+    for probe in probes.values():
+        assert not probe["cwd"].startswith(str(driver)), probe["cwd"]
+        # the driver's package, shipped as a runtime_env py_module, not the copy the nodes have installed
+        assert "py_modules" in probe["code"] and not probe["code"].startswith(str(repo_root)), probe["code"]
+    assert [h["epoch"] for h in summary["history"]] == [0]
+    assert (driver / "models" / "model.safetensors").is_file()
+    keys = s3_server.list_keys(s3_bucket, "ray/")
+    assert any(k.endswith("/state.json") for k in keys), keys[:20]
 
 
 def test_bad_params_rejected_before_ray_starts(workspace: Path) -> None:

@@ -1,6 +1,6 @@
 """The promotion gate's lock: one holder at a time per registered model, given up when the holder dies.
 
-MLflow has no compare-and-set on aliases, so the registry's read-champion / compare / move-alias sequence runs
+MLflow has no compare-and-set on aliases, so the gate's read-champion / compare / move-alias sequence runs
 under this lock. Three backends, picked by :func:`open_gate_lock` from ``register.lock_uri`` (or, when that is
 empty, from the tracking URI):
 
@@ -17,6 +17,7 @@ empty, from the tracking URI):
   (no clock comparison between hosts), and only if owner and heartbeat are still those it saw; release
   deletes the lease only when the owner tag is the releaser's.
 
+:func:`gate_lock` opens the backend that :class:`LockSettings` (``register.lock_*``) name and holds it.
 Every backend runs a heartbeat thread while held. :meth:`GateLease.ensure_held` checks just before an alias
 moves that the lease is still ours (a holder frozen for longer than ``lease_s`` may have lost an MLflow lease).
 """
@@ -24,19 +25,24 @@ moves that the lease is still ours (a holder frozen for longer than ``lease_s`` 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import logging
+import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from birefnet.stages.common import StageInputError
+from birefnet.config import Params
+from birefnet.registry.errors import RegistryError
 
-log = logging.getLogger("birefnet.gate_lock")
+log = logging.getLogger("birefnet.registry.lock")
 
 MLFLOW_LEASE = "mlflow"
 TAG_OWNER = "birefnet.lease.owner"
@@ -44,8 +50,8 @@ TAG_HEARTBEAT = "birefnet.lease.heartbeat"
 TAG_ACQUIRED = "birefnet.lease.acquired_at"
 
 
-class GateLockError(StageInputError):
-    """The gate lock could not be taken in time, or was lost while held (exit code 3)."""
+class GateLockError(RegistryError):
+    """The gate lock could not be taken in time, or was lost while held (exit code 3, as every registry error)."""
 
 
 class GateLock(Protocol):
@@ -410,3 +416,54 @@ def hold(lock: GateLock, timeout_s: float, lease_s: float, poll_s: float = 0.25)
         lease._stop.set()
         lease._thread.join(timeout=30)
         lock.release()
+
+
+def actor() -> str:
+    """Who acts, for lock owners and audit records: ``<user>@<host>:<pid>`` (the MLflow user when one is set)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class LockSettings:
+    """Where the gate lock lives and how long to wait for it (``register.lock_*``, ``register.lease_s``).
+
+    Attributes:
+        tracking_uri: the tracking URI in use (the lock is derived from it when ``lock_uri`` is empty).
+        lock_uri: ``postgresql://...``, a lock file, ``mlflow`` or empty (see :func:`open_gate_lock`).
+        timeout_s: the longest wait for another holder.
+        lease_s: how long a holder may go without a heartbeat before its lease is stale.
+        base: the folder a relative lock file is resolved against.
+    """
+
+    tracking_uri: str
+    lock_uri: str = ""
+    timeout_s: float = 120.0
+    lease_s: float = 30.0
+    base: Path | None = None
+
+    @classmethod
+    def from_params(cls, params: Params, tracking_uri: str, base: Path | None = None) -> LockSettings:
+        """The settings of ``params.register`` for ``tracking_uri``."""
+        rp = params.register
+        return cls(tracking_uri, rp.lock_uri, rp.lock_timeout_s, rp.lease_s, base)
+
+
+@contextlib.contextmanager
+def gate_lock(client: Any, name: str, settings: LockSettings) -> Iterator[GateLease]:
+    """Hold the gate lock of ``name`` (renewed by a heartbeat thread) for the block; yield the lease.
+
+    Raises:
+        GateLockError: another holder kept it for ``settings.timeout_s`` (exit code 3).
+    """
+    owner = f"{actor()}:{random.getrandbits(32):08x}"
+    lock = open_gate_lock(settings.lock_uri, settings.tracking_uri, client, name, owner, settings.lease_s,
+                          settings.base)
+    with hold(lock, settings.timeout_s, settings.lease_s) as lease:
+        log.debug("%s held by %s", lock.describe(), owner)
+        yield lease

@@ -1,4 +1,4 @@
-"""Export BiRefNet to ONNX and check it against PyTorch with onnxruntime (``birefnet export onnx``).
+"""Export BiRefNet to ONNX and check it against PyTorch with onnxruntime (the library behind ``birefnet export``).
 
 BiRefNet (Zheng et al., "Bilateral Reference for High-Resolution Dichotomous Image Segmentation", CAAI AIR
 2024) reads features through modulated deformable convolutions. ``torchvision.ops.deform_conv2d`` has no
@@ -10,18 +10,12 @@ height and width.
 
 The graph has one input ``image`` ``(B, 3, H, W)`` float32 ImageNet-normalised RGB and one output
 ``logits`` ``(B, 1, H, W)``. It is written with the TorchScript exporter (``dynamo=False``), which needs
-only ``onnx``; ``torch.export``'s exporter would also need ``onnxscript``.
-
-Usage::
-
-    birefnet export onnx --model models/model.safetensors --out model.onnx --size 1024 1024 [--dynamic-hw]
+only ``onnx``; ``torch.export``'s exporter would also need ``onnxscript``. The command line is
+:mod:`birefnet.commands.export`.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,12 +25,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from birefnet.inference.processing import check_size
+
 if TYPE_CHECKING:
     import torch
 
     from birefnet.models.birefnet import BiRefNet
-
-log = logging.getLogger("birefnet.export")
 
 #: Default ONNX opset (GridSample needs 16; 17 is what onnxruntime has optimised longest).
 DEFAULT_OPSET = 17
@@ -141,8 +135,6 @@ def export_onnx(model: BiRefNet, out: str | Path, size: tuple[int, int], *, opse
     """
     import torch
 
-    from birefnet.predict import check_size
-
     width, height = check_size(size)
     if opset < 16:
         raise ValueError(f"opset must be at least 16 (GridSample), given {opset}")
@@ -245,63 +237,3 @@ def export_and_check(model: BiRefNet, out: str | Path, size: tuple[int, int], *,
     if check:
         report.checks = check_parity(model, path, parity_shapes(report.size, dynamic_hw), tolerance=tolerance)
     return report
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Arguments of ``birefnet export``."""
-    parser = argparse.ArgumentParser(prog="birefnet export", description="Export a model for deployment.")
-    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    onnx_parser = formats.add_parser(
-        "onnx", help="ONNX with a dynamic batch, checked against PyTorch with onnxruntime",
-        description="Export to ONNX (input 'image' (B,3,H,W) ImageNet-normalised RGB, output 'logits' "
-                    "(B,1,H,W)) with the sampling deformable-convolution kernel, then compare onnxruntime with "
-                    f"PyTorch on random inputs: max |sigmoid difference| must be <= {PROB_TOLERANCE:g}. "
-                    "Exits 1 when a check fails.",
-    )
-    onnx_parser.add_argument("--model", required=True, help="model .safetensors file or models:/NAME@ALIAS")
-    onnx_parser.add_argument("--out", required=True, type=Path, help="output .onnx file")
-    onnx_parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    onnx_parser.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=None,
-                             help="export resolution; default: the model file's, else 1024 1024")
-    onnx_parser.add_argument("--dynamic-hw", action="store_true",
-                             help="dynamic height and width too (checked at a second size)")
-    onnx_parser.add_argument("--tolerance", type=float, default=PROB_TOLERANCE,
-                             help=f"parity bound on max |sigmoid difference| (default {PROB_TOLERANCE:g})")
-    onnx_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
-    onnx_parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``birefnet export onnx``; 0 on success, 1 when a parity check fails, 2 on a usage error."""
-    from birefnet.models.io import load_model
-    from birefnet.predict import model_resolution, resolve_model_file
-    from birefnet.stages.common import setup_logging
-
-    args = get_args_parser().parse_args(argv)
-    setup_logging(args.quiet)
-    try:
-        path = resolve_model_file(args.model)
-        size = model_resolution(path, args.size)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"birefnet export: {exc}", file=sys.stderr)
-        return 2
-    model = load_model(path, device="cpu")
-    report = export_and_check(model, args.out, size, opset=args.opset, dynamic_hw=args.dynamic_hw,
-                              check=args.check, tolerance=args.tolerance)
-    axes = "batch, height, width" if args.dynamic_hw else "batch"
-    print(f"wrote {report.path} (opset {report.opset}, {size[0]}x{size[1]}, dynamic {axes}) "
-          f"in {report.seconds:.1f} s")
-    for check in report.checks:
-        print(check.describe())
-    if not report.ok:
-        print("birefnet export: parity check failed; the ONNX file does not match PyTorch", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
