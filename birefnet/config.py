@@ -348,7 +348,7 @@ class TrainParams(Frozen):
     max_failures: NonNegativeInt = 1
     val_every: PositiveInt = 1
     log_val_images: NonNegativeInt = Field(
-        4, description="at each validation, one MLflow image (key val_masks, step = epoch) of the first this-many "
+        4, description="every epoch, one MLflow image (key val_masks, step = epoch) of the first this-many "
                        "samples of the first validation set: image | ground truth | prediction (0 = off)")
     bn_recalibration: NonNegativeInt = Field(
         0, description="before each validation, recompute BatchNorm statistics over this many of the epoch's "

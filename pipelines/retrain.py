@@ -197,15 +197,15 @@ def reachable_remote() -> str | None:
     A local-path remote is reachable when its folder exists; a cloud remote (``s3://`` ...) is assumed reachable
     here, and a network failure during ``dvc pull`` is retried as a transient fault.
     """
-    proc = subprocess.run([_dvc(), "remote", "list"], capture_output=True, text=True, env=_env(), timeout=60)
-    remotes = dict(line.split(None, 1) for line in proc.stdout.splitlines() if len(line.split(None, 1)) == 2)
-    if proc.returncode != 0 or not remotes:
+    # `dvc config -l` prints one KEY=VALUE per line whatever the width (`dvc remote list` wraps long lines)
+    proc = subprocess.run([_dvc(), "config", "-l"], capture_output=True, text=True, env=_env(), timeout=60)
+    if proc.returncode != 0:
         return None
-    default = subprocess.run([_dvc(), "remote", "default"], capture_output=True, text=True, env=_env(), timeout=60)
-    name = default.stdout.strip() if default.returncode == 0 and default.stdout.strip() in remotes else None
-    if name is None:
+    config = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    name = config.get("core.remote", "").strip()
+    if not name or f"remote.{name}.url" not in config:
         return None
-    url = remotes[name].strip()
+    url = config[f"remote.{name}.url"].strip()
     if "://" in url and not url.startswith("file://"):
         return name
     local = Path(url.removeprefix("file://"))

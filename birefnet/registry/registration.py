@@ -283,12 +283,12 @@ def _ensure_registered_model(client: Any, name: str) -> None:
 
 def _link_logged_model(client: Any, model_id: str, name: str, version: str) -> None:
     """Record the version on its logged model (tag ``mlflow.modelVersions``, as ``mlflow.register_model`` does;
-    a tracking server adds it itself, so an existing entry is not repeated)."""
+    a tracking server adds it itself, with the version as a number, so an existing entry is not repeated)."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    entry = {"name": name, "version": version}
     recorded = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-    if entry not in recorded:
+    if not any(e.get("name") == name and str(e.get("version")) == version for e in recorded if isinstance(e, dict)):
+        entry = {"name": name, "version": int(version)}
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*recorded, entry])})
 
 

@@ -350,11 +350,12 @@ def validate(worker: WorkerState) -> dict[str, float]:
 def log_epoch(worker: WorkerState, epoch: int, at: Any, metrics: dict[str, float], record: dict[str, Any]) -> None:
     """The epoch's log line: stage, size, losses, throughput of all ranks, skipped steps and validation.
 
-    After a validation (rank 0, with an MLflow run) it also logs the validation mask image of the epoch
-    (``train.log_val_images`` samples, :func:`log_validation_images`).
+    On rank 0 with an MLflow run it also logs the epoch's validation mask image (``train.log_val_images``
+    samples, :func:`log_validation_images`), every epoch whether or not the metrics were due (one forward pass
+    of those samples).
     """
     train = worker.params.train
-    if "val_Sm" in record and worker.client is not None and train.log_val_images and worker.val_loaders:
+    if worker.client is not None and train.log_val_images and worker.val_loaders:
         set_name, loader = next(iter(worker.val_loaders.items()))
         log_validation_images(worker.client, worker.config["mlflow_run_id"], worker.model, loader, epoch,
                               train.log_val_images, device=worker.device, precision=train.precision,

@@ -181,3 +181,21 @@ def test_dvc_failures_are_classified_by_the_failing_stage() -> None:
     tracking_down = ("Running stage 'register':\nmlflow.exceptions.MlflowException: API request to "
                      "http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed")
     assert classify_failure(args, 1, tracking_down).transient
+
+
+def test_reachable_remote_reads_the_default_remote_of_dvc_remote_list(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default remote (`core.remote`) is the one checked, by its folder for a local remote (a long path
+    included: `dvc remote list` wraps it in a narrow terminal)."""
+    from pipelines.retrain import reachable_remote
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    store = tmp_path / "remote store"
+    subprocess.run([dvc, "remote", "add", "other", str(tmp_path / "elsewhere")], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "remote", "add", "-d", "store", str(store)], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    assert reachable_remote() is None  # the default remote's folder does not exist yet
+    store.mkdir()
+    assert reachable_remote() == "store"

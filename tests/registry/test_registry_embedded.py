@@ -260,7 +260,7 @@ def test_version_links_the_training_run_and_carries_the_metrics(tmp_path: Path, 
     assert metrics["gate.Sm"] == pytest.approx(0.70)
     assert set(metrics) == {f"{s}.{m}" for s, values in json.loads(version.tags[TAG_EVAL_SETS]).items()
                             for m in values} | {"gate.Sm"}  # the same numbers as the JSON tag, as metrics
-    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": name, "version": first["version"]}]
+    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": name, "version": int(first["version"])}]
     # the register run logged each metric once (the model's copy added no second point to its history)
     assert len(client.get_metric_history(first["run_id"], "gate.Sm")) == 1
     artifacts = {f.path for f in client.list_artifacts(first["run_id"], "evaluation/report")}

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,31 @@ def test_register_gate_and_load_by_alias(server_env: Server, tmp_path: Path, tin
     print(f"[{server_env.backend}] register via server: " + ", ".join(f"{t:.1f}" for t in timings) + " s")
 
 
+def test_version_links_the_training_run_on_a_server(server_env: Server, tmp_path: Path, tiny_model: Path) -> None:
+    """Through the REST API (which checks a version's source against its logged model and tags that model
+    itself): the version's run is the training run, its logged model carries the metrics and names it once."""
+    import hashlib
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client = _client(server_env.url)
+    name = unique_name()
+    ws = workspace(tmp_path / "ws", tiny_model, "linked", 0.65)
+    experiment = client.get_experiment_by_name("birefnet-train-runs")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("birefnet-train-runs")
+    train_run = client.create_run(experiment_id, run_name="train-linked").info.run_id
+    client.set_terminated(train_run)
+    model_sha = hashlib.sha256((ws / "models" / "model.safetensors").read_bytes()).hexdigest()
+    (ws / "models" / "train.json").write_text(json.dumps({"mlflow_run_id": train_run, "model_sha256": model_sha}))
+    record = registry.register(make_params(name), base=ws)
+    version = client.get_model_version(name, record["version"])
+    assert version.run_id == train_run and version.tags["birefnet.register_run_id"] == record["run_id"]
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert {m.key: m.value for m in logged.metrics}["gate.Sm"] == pytest.approx(0.65)
+    # the server tags the logged model itself (version as a number); register adds no second entry
+    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": name, "version": int(record["version"])}]
+
+
 def test_two_registrations_race(server_env: Server, tmp_path: Path, tiny_model: Path, venv_bin: Path) -> None:
     """Two processes register different models at once: the better one ends champion, tags agree with aliases."""
     name = unique_name()
@@ -119,35 +145,108 @@ def test_two_registrations_race(server_env: Server, tmp_path: Path, tiny_model: 
     assert not client.search_registered_models(f"name = '{name}.gate-lock'")
 
 
-def test_models_serve_answers_http(server_env: Server, tmp_path: Path, tiny_model: Path) -> None:
-    """``mlflow models serve -m models:/NAME@champion --env-manager local`` returns a mask for a posted image."""
-    if server_env.backend != "sqlite":
+@pytest.fixture(scope="module")
+def served_champion(tracking_server: Server, tiny_model: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``mlflow models serve -m models:/NAME@champion --env-manager local`` of a freshly registered tiny model,
+    shared by the HTTP tests of this module (SQLite backend only: serving does not depend on the store)."""
+    if tracking_server.backend != "sqlite":
         pytest.skip("serving does not depend on the backend store; run once")
+    root = tmp_path_factory.mktemp("serve")
     name = unique_name()
-    registry.register(make_params(name), base=workspace(tmp_path / "ws", tiny_model, "serve", 0.5))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            patch.delenv(key, raising=False)
+        registry.register(make_params(name), base=workspace(root / "ws", tiny_model, "serve", 0.5))
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     serve = start_process([mlflow_bin, "models", "serve", "-m", f"models:/{name}@{CHAMPION}", "--env-manager",
                            "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                          f"http://127.0.0.1:{port}", "/ping", tmp_path / "serve.log",
-                          env={"MLFLOW_TRACKING_URI": server_env.url}, cwd=tmp_path, timeout_s=90)
+                          f"http://127.0.0.1:{port}", "/ping", root / "serve.log",
+                          env={"MLFLOW_TRACKING_URI": tracking_server.url}, cwd=root, timeout_s=90)
     try:
-        image = np.random.default_rng(1).integers(0, 256, (1, 120, 90, 3), dtype=np.uint8)
-        body = json.dumps({"inputs": image.tolist()}).encode()
-        latencies = []
-        for _ in range(4):
-            request = urllib.request.Request(f"{serve.url}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-            start = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=60) as resp:
-                answer = json.loads(resp.read())
-            latencies.append(time.perf_counter() - start)
-        mask = np.asarray(answer["predictions"])
-        assert mask.shape == (1, 120, 90) and 0 <= mask.min() and mask.max() <= 255
-        print(f"serve startup {serve.startup_s:.1f} s; /invocations 120x90 (tiny model): "
-              f"{np.median(latencies) * 1000:.0f} ms median of {len(latencies)}")
+        yield serve
     finally:
         serve.stop()
+
+
+def _invoke(url: str, body: dict) -> object:
+    """POST ``body`` as JSON to ``url/invocations``; return the ``predictions``."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())["predictions"]
+
+
+def test_models_serve_answers_http(served_champion: Server) -> None:
+    """``mlflow models serve -m models:/NAME@champion --env-manager local`` returns a mask for a posted image."""
+    image = np.random.default_rng(1).integers(0, 256, (1, 120, 90, 3), dtype=np.uint8)
+    latencies = []
+    for _ in range(4):
+        start = time.perf_counter()
+        answer = _invoke(served_champion.url, {"inputs": image.tolist()})
+        latencies.append(time.perf_counter() - start)
+    mask = np.asarray(answer)
+    assert mask.shape == (1, 120, 90) and 0 <= mask.min() and mask.max() <= 255
+    print(f"serve startup {served_champion.startup_s:.1f} s; /invocations 120x90 (tiny model): "
+          f"{np.median(latencies) * 1000:.0f} ms median of {len(latencies)}")
+
+
+def _documented_curl_example(port: int) -> str:
+    """The shell block of docs/evaluation-and-registry.md after the ``serving-curl-example`` marker, with the
+    documented port replaced by ``port``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "evaluation-and-registry.md").read_text(encoding="utf-8")
+    after = text.split("<!-- serving-curl-example", 1)[1]
+    block = after.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "127.0.0.1:5001" in block, block
+    return block.replace("127.0.0.1:5001", f"127.0.0.1:{port}")
+
+
+def test_documented_curl_example_posts_base64_png_and_jpeg(served_champion: Server, tmp_path: Path) -> None:
+    """The docs' curl example, run as written by bash and the real curl, gets one base64 PNG mask per image at the
+    image's size; the PNG's mask equals the raw-pixel answer; an oversized header is refused over HTTP."""
+    import base64
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from tests.data.bomb_images import png_declaring
+
+    for tool in ("curl", "base64", "bash"):
+        assert shutil.which(tool), f"{tool} is not installed (the documented example needs it)"
+    rng = np.random.default_rng(7)
+    png_pixels = rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    jpeg_pixels = rng.integers(0, 256, (30, 52, 3), dtype=np.uint8)
+    Image.fromarray(png_pixels).save(tmp_path / "photo.png")
+    Image.fromarray(jpeg_pixels).save(tmp_path / "photo.jpg", quality=90)
+    port = int(served_champion.url.rsplit(":", 1)[1])
+    start = time.perf_counter()
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # python3: this venv's
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", _documented_curl_example(port)], cwd=tmp_path,
+                          env={**os.environ, "PATH": path}, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], (tmp_path / "response.json").read_text()
+                                  if (tmp_path / "response.json").is_file() else "")
+    masks = {}
+    for name, pixels in (("photo.png", png_pixels), ("photo.jpg", jpeg_pixels)):
+        with Image.open(tmp_path / f"{name}.mask.png") as image:
+            assert image.format == "PNG" and image.mode == "L"
+            masks[name] = np.asarray(image)
+        assert masks[name].shape == pixels.shape[:2] and masks[name].dtype == np.uint8
+        assert masks[name].max() > masks[name].min()  # a real prediction, not a constant fill
+    as_pixels = np.asarray(_invoke(served_champion.url, {"inputs": png_pixels[None].tolist()}))[0]
+    np.testing.assert_array_equal(masks["photo.png"], as_pixels)  # PNG is lossless: same pixels, same mask
+    print(f"documented curl example (2 images, tiny model): {seconds * 1000:.0f} ms")
+
+    bomb = base64.b64encode(png_declaring(16384, 16384)).decode("ascii")
+    png = io.BytesIO()
+    Image.fromarray(png_pixels).save(png, format="PNG")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _invoke(served_champion.url, {"inputs": [base64.b64encode(png.getvalue()).decode("ascii"), bomb]})
+    assert refused.value.code == 400
+    assert "image 1: image header declares 16384x16384 = 268435456 pixels" in refused.value.read().decode()
 
 
 def test_basic_auth_server(tmp_path: Path, tiny_model: Path, venv_bin: Path) -> None:
