@@ -55,6 +55,10 @@ prefect-server: $(VENV)/.installed
 prefect-worker: $(VENV)/.installed
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/prefect worker start --pool $(PREFECT_POOL) --type process
 
-## deploy: create or update the retrain deployment of prefect.yaml (cron, concurrency limit 1) from this folder
+## deploy: create the work pool (infra/prefect/work-pool.json) if missing, then create or update the retrain
+## deployment of prefect.yaml (cron, concurrency limit 1) from this folder with Prefect's CLI
 deploy: $(VENV)/.installed
-	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/python -m pipelines.deploy --source $(CURDIR)
+	export PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)}; \
+	$(BIN)/prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || \
+	  $(BIN)/prefect work-pool create $(PREFECT_POOL) --type process --base-job-template infra/prefect/work-pool.json; \
+	BIREFNET_REPO=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all

@@ -7,7 +7,7 @@ everything that computes lives in ``birefnet/``.
 
 from birefnet.offline import apply_offline_env
 
-# The flows' entry points (`python -m pipelines.retrain`, `pipelines.deploy`) start here, before Prefect is
+# The flows' entry points (`python -m pipelines.retrain`, the worker's flow runs) start here, before Prefect is
 # imported (it reads PREFECT_HOME at import): the repository's telemetry and loopback switches apply without make.
 # Keys already set in the environment are left alone.
 apply_offline_env()

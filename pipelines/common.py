@@ -9,10 +9,8 @@ same error after a delay.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,41 +124,41 @@ class LockTimeout(TimeoutError):
 @contextlib.contextmanager
 def workspace_lock(path: str | Path, timeout_s: float, poll_s: float = 2.0, owner: dict[str, Any] | None = None,
                    on_wait: Any = None) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``path`` for the block; wait (do not fail) while another holder has it.
+    """Hold an exclusive lock on ``path`` for the block (``filelock``: ``flock`` on POSIX); wait (do not fail)
+    while another holder has it.
 
-    The kernel releases the lock when the holder's process dies, so a killed run never leaves a stale lock.
+    The kernel releases the lock when the holder's process dies, so a killed run never leaves a stale lock. The
+    holder describes itself in ``<path>.owner`` (pid and ``owner``), which waiters report.
 
     Args:
         path: the lock file (created with its folder).
         timeout_s: give up waiting after this many seconds (raises :class:`LockTimeout`).
         poll_s: seconds between attempts.
-        owner: written into the file for whoever waits (pid, flow run id).
+        owner: written into the owner file for whoever waits (flow run id).
         on_wait: called once with the current holder's description when the first attempt finds it busy.
     """
+    import filelock
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    owner_file = path.with_name(path.name + ".owner")
+    lock = filelock.FileLock(path)
     try:
-        deadline = time.monotonic() + timeout_s
-        waited = False
-        while True:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if on_wait is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited and on_wait is not None:
-                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
-                    on_wait(holder)
-                waited = True
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{path} still held after {timeout_s:.0f} s") from None
-                time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), **(owner or {})}).encode())
+                holder = owner_file.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                holder = ""
+            on_wait(holder or "unknown")
         try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            lock.acquire(timeout=timeout_s, poll_interval=poll_s)
+        except filelock.Timeout:
+            raise LockTimeout(f"{path} still held after {timeout_s:.0f} s") from None
+    try:
+        owner_file.write_text(json.dumps({"pid": os.getpid(), **(owner or {})}), encoding="utf-8")
+        yield path
     finally:
-        os.close(fd)
+        owner_file.unlink(missing_ok=True)
+        lock.release()

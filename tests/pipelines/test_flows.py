@@ -142,10 +142,10 @@ def test_workspace_lock_waits_for_the_holder(tmp_path: Path) -> None:
     lock = tmp_path / ".dvc/tmp/retrain.lock"
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, b'holder')\nprint('locked', flush=True)\ntime.sleep(3)\n")],
-        stdout=subprocess.PIPE, text=True)
+        "import sys, time\nfrom pathlib import Path\nfrom pipelines.common import workspace_lock\n"
+        f"with workspace_lock({str(lock)!r}, 5, owner={{'flow_run_id': 'holder'}}):\n"
+        "    print('locked', flush=True)\n    time.sleep(3)\n")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(LockTimeout), workspace_lock(lock, timeout_s=0.5, poll_s=0.1):
@@ -154,8 +154,9 @@ def test_workspace_lock_waits_for_the_holder(tmp_path: Path) -> None:
         t0 = time.perf_counter()
         with workspace_lock(lock, timeout_s=30, poll_s=0.2, owner={"flow_run_id": "x"}, on_wait=seen.append):
             waited = time.perf_counter() - t0
-            assert json.loads(lock.read_text())["pid"] == os.getpid()
-        assert seen == ["holder"] and waited > 1.0
+            assert json.loads((lock.parent / "retrain.lock.owner").read_text())["pid"] == os.getpid()
+        assert json.loads(seen[0])["flow_run_id"] == "holder" and len(seen) == 1 and waited > 1.0
+        assert not (lock.parent / "retrain.lock.owner").exists()  # released: nobody named as holder
     finally:
         holder.kill()
         holder.wait(timeout=10)

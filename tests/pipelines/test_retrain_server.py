@@ -139,12 +139,26 @@ def clone(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployment(prefect_env: tuple[dict[str, str], Api], clone: Path) -> dict[str, Any]:
-    """``python -m pipelines.deploy --source CLONE`` (flow.from_source + deploy, settings from prefect.yaml)."""
-    env, api = prefect_env
-    proc = subprocess.run([sys.executable, "-m", "pipelines.deploy", "--source", str(clone)], cwd=clone, env=env,
-                          capture_output=True, text=True, timeout=120)
+def _deploy(env: dict[str, str], clone: Path) -> None:
+    """What ``make deploy`` runs: the work pool from infra/prefect/work-pool.json when missing, then
+    ``prefect --no-prompt deploy --all`` (prefect.yaml) with ``BIREFNET_REPO`` naming the folder."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    inspect = subprocess.run([prefect, "work-pool", "inspect", POOL], env=env, capture_output=True, timeout=120)
+    if inspect.returncode != 0:
+        create = subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process", "--base-job-template",
+                                 "infra/prefect/work-pool.json"], cwd=clone, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert create.returncode == 0, create.stdout + create.stderr
+    proc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=clone,
+                          env=dict(env, BIREFNET_REPO=str(clone)), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def deployment(prefect_env: tuple[dict[str, str], Api], clone: Path) -> dict[str, Any]:
+    """The retrain deployment as ``make deploy`` creates it (Prefect's CLI reading prefect.yaml)."""
+    env, api = prefect_env
+    _deploy(env, clone)
     return api.call("GET", "/deployments/name/retrain/retrain")
 
 
@@ -357,14 +371,11 @@ def test_new_data_in_the_remote_retrains_on_a_branch_and_overrides_leave_params_
           f"model version 2); override run -> {third}, model version 3")
 
 
-def test_prefect_cli_deploy_all_reads_the_same_prefect_yaml(prefect_env: tuple[dict[str, str], Api],
-                                                          deployment: dict[str, Any], clone: Path) -> None:
-    # Last in this file: it redeploys retrain/retrain, now with Prefect's own CLI from prefect.yaml.
+def test_redeploy_updates_the_deployment_in_place(prefect_env: tuple[dict[str, str], Api],
+                                                  deployment: dict[str, Any], clone: Path) -> None:
+    # Last in this file: it redeploys retrain/retrain (make deploy run again after a change of prefect.yaml).
     env, api = prefect_env
-    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
-                          cwd=clone, env=dict(env, BIREFNET_REPO=str(clone)), capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _deploy(env, clone)
     redeployed = api.call("GET", "/deployments/name/retrain/retrain")
     assert redeployed["id"] == deployment["id"]  # the same deployment, updated in place
     assert redeployed["work_pool_name"] == POOL and redeployed["entrypoint"] == "pipelines/retrain.py:retrain"

@@ -261,6 +261,7 @@ def test_finetune_recipe_one_step_from_a_converted_hugging_face_checkpoint(
     small = {
         "data.root": str(tmp_path / "data" / "synthetic"), "data.synthetic.out": str(tmp_path / "data" / "synthetic"),
         "data.size": "[64, 64]", "data.workers": "1", "data.train_sets": "[DIS-TR]", "data.val_sets": "[DIS-VD]",
+        "register.selection_sets": "[DIS-VD]",
         "data.test_sets": "[DIS-TE1]", "data.synthetic.counts": "{DIS-TR: 4, DIS-VD: 2, DIS-TE1: 1}",
         "data.synthetic.min_side": "64", "data.synthetic.max_side": "96", "data.on_bad_sample": "fail",
         "data.prepared": str(tmp_path / "prepared"), "gradients.out": str(tmp_path / "gradients"),

@@ -17,6 +17,7 @@ PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 SMALL_RUN = {
     "data.root": "data/synthetic", "data.size": "[64, 64]", "data.workers": "1",
     "data.train_sets": "[DIS-TR]", "data.val_sets": "[DIS-VD]", "data.test_sets": "[DIS-TE1]",
+    "register.selection_sets": "[DIS-VD]",
     "data.synthetic.counts": "{DIS-TR: 4, DIS-VD: 2, DIS-TE1: 1}", "data.synthetic.min_side": "64",
     "data.synthetic.max_side": "96", "data.on_bad_sample": "fail",
     "loader.batch_size": "2", "loader.workers": "0", "loader.epoch_batches": "1", "loader.shuffle_buffer": "0",
