@@ -138,7 +138,6 @@ def clone(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     return make_clone(repo_root, tmp_path_factory.mktemp("retrain_clone"), tiny_params(repo_root))
 
 
-@pytest.fixture(scope="module")
 def _deploy(env: dict[str, str], clone: Path) -> None:
     """What ``make deploy`` runs: the work pool from infra/prefect/work-pool.json when missing, then
     ``prefect --no-prompt deploy --all`` (prefect.yaml) with ``BIREFNET_REPO`` naming the folder."""
