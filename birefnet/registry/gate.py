@@ -226,6 +226,21 @@ def move_champion(client: Any, name: str, expected: str | None, target: str, lea
     return True
 
 
+def move_challenger(client: Any, request: GateRequest, decision: GateDecision) -> None:
+    """Point ``challenger`` at the gated version, audited on both versions when the alias changes hands.
+
+    The audit record goes first: a crash between it and the alias move leaves a record that a rerun repeats
+    (a duplicate), never an alias that left a version without one.
+    """
+    previous = get_alias(client, request.name, CHALLENGER)
+    previous_version = str(previous.version) if previous else None
+    if previous_version != request.version:
+        audit(client, request.name, [request.version, previous_version],
+              {"action": "challenger", "from_version": previous_version, "to_version": request.version,
+               "decision": decision.decision, "forced": False, "reason": decision.reason, "run_id": request.run_id})
+    client.set_registered_model_alias(request.name, CHALLENGER, request.version)
+
+
 def gate_done(tags: Mapping[str, str]) -> bool:
     """Whether a version's gate completed (state ``done``, or a decision from before the state tag existed)."""
     state = tags.get(TAG_GATE_STATE)
@@ -313,7 +328,7 @@ def _move_aliases(client: Any, request: GateRequest, lease: GateLease) -> GateDe
             log.warning("%s: champion moved away from v%s while v%s was gated: deciding again", name, current, version)
             pending = None
             continue
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        move_challenger(client, request, decision)
         return decision
     raise RegistryError(f"{name}: the champion moved {CAS_ATTEMPTS} times while v{version} was gated (someone "
                         "moves it without the gate lock?); rerun the register stage to finish the gate")

@@ -245,13 +245,21 @@ def test_truncated_model_file_is_a_clear_input_error(tiny_model_file: Path, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_tracking_server_fails_fast_with_redacted_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("server", ["closed", "silent"])
+def test_unreachable_tracking_server_fails_fast_with_redacted_uri(server: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``closed``: nothing listens (refused at once). ``silent``: a host that accepts the connection and never
+    answers (a hung server, a firewall that swallows packets): only a client-side timeout ends the wait."""
     import mlflow
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if server == "silent":
+        listener.listen(64)  # the kernel completes handshakes into the backlog; nobody ever reads or replies
+    else:
+        listener.close()
     uri = f"http://alice:s3cret-pw@127.0.0.1:{port}"
     previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -264,6 +272,7 @@ def test_unreachable_tracking_server_fails_fast_with_redacted_uri(tmp_path: Path
         elapsed = time.monotonic() - start
     finally:
         mlflow.set_tracking_uri(previous)
+        listener.close()
     err = capsys.readouterr().err
     assert code == 3
     assert elapsed < 15, f"took {elapsed:.1f} s"

@@ -54,8 +54,10 @@ def _audit_records(client: Any, name: str) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _champion_chain(records: list[dict[str, Any]]) -> list[str]:
-    """The champion's moves as one chain from "no champion"; fails on a fork (two moves from one champion)."""
+def _champion_chain(records: list[dict[str, Any]], action: str = "gate") -> list[str]:
+    """An alias's moves (audit records of ``action``: ``gate`` moves the champion, ``challenger`` the challenger)
+    as one chain from "no holder"; fails on a fork (two moves away from one holder)."""
+    records = [r for r in records if r["action"] == action]
     by_from: dict[str | None, list[dict[str, Any]]] = {}
     for record in records:
         by_from.setdefault(record["from_version"], []).append(record)
@@ -107,8 +109,13 @@ def test_concurrent_registrations_keep_one_audited_champion(server_env: Server, 
     decisions = {v: mv.tags[GATE_PREFIX + "decision"] for v, mv in versions.items()}
     assert list(decisions.values()).count("first") == 1, decisions
 
-    chain = _champion_chain(_audit_records(client, name))
+    records = _audit_records(client, name)
+    chain = _champion_chain(records)
     assert chain[-1] == best
+    # the challenger alias changed hands once per registration, each time audited, in one chain as well
+    challenger_chain = _champion_chain(records, "challenger")
+    assert len(challenger_chain) == N_PROCESSES and set(challenger_chain) == set(versions)
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == challenger_chain[-1]
     assert set(chain) == {v for v, d in decisions.items() if d in ("first", "promoted")}
     assert json.loads(client.get_registered_model(name).tags[TAG_HISTORY]) == chain
     assert not client.search_registered_models(f"name = '{name}.gate-lock'")
@@ -136,6 +143,7 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
     assert "interrupted" in record["gate"]["note"] and record["aliases"] == [CHALLENGER, CHAMPION]
     assert client.get_model_version(name, "1").tags[TAG_GATE_STATE] == "done"
     assert _champion_chain(_audit_records(client, name)) == ["1"]
+    assert _champion_chain(_audit_records(client, name), "challenger") == ["1"]
 
     second = workspace(tmp_path / "second", tiny_model, "second", 0.70)
     write_params_yaml(second / "params.yaml", make_params(name, lease_s=1.0))
@@ -152,6 +160,7 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
     assert client.get_model_version(name, "2").tags[TAG_GATE_STATE] == "done"
     chain = _champion_chain(_audit_records(client, name))
     assert chain == ["1", "2"] == json.loads(client.get_registered_model(name).tags[TAG_HISTORY])
+    assert _champion_chain(_audit_records(client, name), "challenger") == ["1", "2"]
 
     rc, out = _finish(_register(second, venv_bin))
     assert rc == 0, out[-3000:]
