@@ -10,6 +10,7 @@ replaces its own earlier outputs in ``--out`` while any other file there is only
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,11 +169,19 @@ def plan_outputs(images: Sequence[tuple[Path, Path]], out: str | Path, cutout: b
     return [(path, final[index]) for index, (path, _) in enumerate(images)], renames
 
 
+def _glob_root(pattern: str) -> Path:
+    """The folder a recursive glob (``photos/**/*.png``) searches: its path up to the first wildcard part."""
+    parts = Path(pattern).parts
+    static = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+    return Path(*static).resolve() if static else Path.cwd().resolve()
+
+
 def check_output_folder(out: str | Path, inputs: Sequence[str | Path], images: Sequence[tuple[Path, Path]],
                         overwrite: bool = False) -> None:
     """Refuse an output folder that is, or lies inside, an input folder (unless ``overwrite``).
 
-    Input folders are the folders given as inputs (``out`` may be neither one of them nor inside one) and the
+    Input folders are the folders given as inputs and the folders a recursive glob (``**``) searches (``out``
+    may be neither one of them nor inside one, where the next run would take the masks as inputs), and the
     folders holding any input image (``out`` may not be one of them).
 
     Raises:
@@ -182,6 +191,7 @@ def check_output_folder(out: str | Path, inputs: Sequence[str | Path], images: S
         return
     target = Path(out).resolve()
     given = [Path(str(item)).resolve() for item in inputs if Path(str(item)).is_dir()]
+    given += [_glob_root(str(item)) for item in inputs if "**" in str(item)]
     for folder in given:
         if target == folder or folder in target.parents:
             relation = "is" if target == folder else "is inside"

@@ -172,7 +172,8 @@ def test_out_in_an_input_folder_is_refused_and_inputs_are_never_overwritten(
     for out, inputs in [(photos, [str(photos)]),                       # --out is the input folder
                         (photos / "masks", [str(photos)]),             # --out inside the input folder
                         (photos, [str(photos / "x.png")]),             # --out holds an input file
-                        (photos, [str(photos / "*.png")])]:            # ... matched by a glob
+                        (photos, [str(photos / "*.png")]),             # ... matched by a glob
+                        (photos / "masks", [str(photos / "**" / "*.png")])]:  # inside a recursive glob's folder
         assert main([*inputs, "--out", str(out), *common]) == 3, (out, inputs)
         err = capsys.readouterr().err
         assert f"--out {out}" in err and str(photos) in err and "--overwrite" in err
