@@ -263,7 +263,12 @@ class MlflowLease:
                 description="promotion-gate lease (owner and heartbeat in the tags; deleted on release)")
             return True
         except MlflowException as exc:
-            if str(getattr(exc, "error_code", "")) != "RESOURCE_ALREADY_EXISTS":
+            code = str(getattr(exc, "error_code", ""))
+            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                # MLflow answers a name clash by reading the existing model back; its holder released (deleted)
+                # it in between: free again, so the next poll tries again
+                return False
+            if code != "RESOURCE_ALREADY_EXISTS":
                 raise
         current = self._read()
         if current is not None:

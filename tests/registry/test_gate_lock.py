@@ -183,3 +183,34 @@ def test_lock_uri_overrides_the_tracking_uri(tmp_path: Path) -> None:
     assert isinstance(open_gate_lock("", "http://x", object(), "m", "me", 30.0), MlflowLease)
     with pytest.raises(GateLockError, match="'s3'"):
         open_gate_lock("s3://bucket/lock", "http://x", None, "m", "me", 30.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_acquire_racing_a_release_waits_instead_of_failing(kind: str,
+                                                          make_lock: Callable[[str, str, float], GateLock]) -> None:
+    """Holders that take and release the lock back to back: an acquire that meets a release in flight is "not
+    yet", never an error. (MLflow's create_registered_model, on a name clash, reads the existing model back and
+    answers RESOURCE_DOES_NOT_EXIST when its holder deleted it in between; seen in CI's PostgreSQL lane.)"""
+    name = unique_name()
+    errors: list[BaseException] = []
+    inside: list[int] = []
+    overlap: list[int] = []
+
+    def holder(i: int) -> None:
+        try:
+            for _ in range(15):
+                with hold(make_lock(name, f"holder-{i}", 30.0), timeout_s=60, lease_s=30.0, poll_s=0.002):
+                    inside.append(i)
+                    if len(inside) > 1:
+                        overlap.append(i)
+                    inside.remove(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=holder, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert not overlap
