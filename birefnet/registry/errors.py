@@ -10,6 +10,10 @@ class RegistryError(RuntimeError):
     """
 
 
+#: MLflow's error codes for a registered model (or version) that does not exist.
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
 def error_code(exc: BaseException) -> str:
     """MLflow's error code of ``exc`` (``RESOURCE_DOES_NOT_EXIST`` ...), or an empty string."""
     return str(getattr(exc, "error_code", ""))

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from birefnet.config import Params
-from birefnet.registry.errors import RegistryError
+from birefnet.registry.errors import NOT_FOUND_CODES, RegistryError, error_code
 
 log = logging.getLogger("birefnet.registry.lock")
 
@@ -248,7 +248,7 @@ class MlflowLease:
         try:
             tags = self.client.get_registered_model(self.lock_name).tags or {}
         except MlflowException as exc:
-            if str(getattr(exc, "error_code", "")) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise
         return tags.get(TAG_OWNER, ""), tags.get(TAG_HEARTBEAT, "")
@@ -263,8 +263,8 @@ class MlflowLease:
                 description="promotion-gate lease (owner and heartbeat in the tags; deleted on release)")
             return True
         except MlflowException as exc:
-            code = str(getattr(exc, "error_code", ""))
-            if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            code = error_code(exc)
+            if code in NOT_FOUND_CODES:
                 # MLflow answers a name clash by reading the existing model back; its holder released (deleted)
                 # it in between: free again, so the next poll tries again
                 return False
@@ -293,7 +293,7 @@ class MlflowLease:
         try:
             self.client.delete_registered_model(self.lock_name)
         except MlflowException as exc:
-            if str(getattr(exc, "error_code", "")) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            if error_code(exc) not in NOT_FOUND_CODES:
                 raise
 
     def holder(self) -> str:

@@ -26,6 +26,15 @@ POSTGRES_ENV = "BIREFNET_TEST_POSTGRES_URI"
 BACKENDS = ["sqlite", *(["postgresql"] if os.environ.get(POSTGRES_ENV) else [])]
 
 
+@pytest.fixture(scope="module")
+def mlflow_client(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """An MlflowClient on an embedded SQLite registry (no server), one per test module."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``test_convnext`` BiRefNet saved with ``save_model`` (random init: no training needed)."""

@@ -22,14 +22,6 @@ SETS = ("DIS-VD",)
 gate_module = importlib.import_module("birefnet.registry.gate")
 
 
-@pytest.fixture
-def client(tmp_path: Path):  # noqa: ANN201
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return mlflow.MlflowClient(uri, registry_uri=uri)
-
-
 def _version(client: Any, name: str, sm: float) -> str:
     """A registered version whose recorded metrics give S-measure ``sm`` on the selection set."""
     tags = {TAG_EVAL_SETS: json.dumps({s: {"Sm": sm} for s in SETS})}
@@ -56,28 +48,28 @@ def _race(monkeypatch: pytest.MonkeyPatch, client: Any, name: str, moves: list[s
     return done
 
 
-def test_champion_moved_under_the_decision_is_decided_again(client: Any, tmp_path: Path,
+def test_champion_moved_under_the_decision_is_decided_again(mlflow_client: Any, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     name = "cas-race"
-    client.create_registered_model(name)
-    v1 = _version(client, name, 0.50)
-    v2 = _version(client, name, 0.90)  # registered by someone else, better than the challenger
-    v3 = _version(client, name, 0.70)
-    client.set_registered_model_alias(name, CHAMPION, v1)
-    moved = _race(monkeypatch, client, name, [v2])
+    mlflow_client.create_registered_model(name)
+    v1 = _version(mlflow_client, name, 0.50)
+    v2 = _version(mlflow_client, name, 0.90)  # registered by someone else, better than the challenger
+    v3 = _version(mlflow_client, name, 0.70)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, v1)
+    moved = _race(monkeypatch, mlflow_client, name, [v2])
 
     with caplog.at_level(logging.WARNING, "birefnet.registry"), hold(FileGateLock(tmp_path / "g.lock", "me"), 5, 30) \
             as lease:
-        decision = gate_and_move(client, _request(name, v3, 0.70), lease)
+        decision = gate_and_move(mlflow_client, _request(name, v3, 0.70), lease)
 
     assert moved == [v2]
     # The first decision (0.70 beats v1's 0.50) was taken against v1; the alias move found v2 and decided again.
     assert "deciding again" in caplog.text
     assert decision.decision == "rejected" and decision.champion_version == v2 and not decision.promote
-    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v2
-    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == v3
-    tags = client.get_model_version(name, v3).tags
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == v2
+    assert str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version) == v3
+    tags = mlflow_client.get_model_version(name, v3).tags
     assert tags[TAG_GATE_STATE] == "done"
     assert GateDecision.from_tags(tags) == decision  # the recorded decision is the second one, not the stale first
     audits = [json.loads(v) for k, v in tags.items() if k.startswith(AUDIT_PREFIX)]
@@ -85,19 +77,19 @@ def test_champion_moved_under_the_decision_is_decided_again(client: Any, tmp_pat
         [("challenger", None, v3, "rejected")]
 
 
-def test_a_champion_that_keeps_moving_ends_in_a_clear_error(client: Any, tmp_path: Path,
+def test_a_champion_that_keeps_moving_ends_in_a_clear_error(mlflow_client: Any, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     name = "cas-storm"
-    client.create_registered_model(name)
-    versions = [_version(client, name, 0.10 + 0.01 * i) for i in range(CAS_ATTEMPTS + 1)]
-    challenger = _version(client, name, 0.95)
-    client.set_registered_model_alias(name, CHAMPION, versions[0])
-    _race(monkeypatch, client, name, versions[1:])
+    mlflow_client.create_registered_model(name)
+    versions = [_version(mlflow_client, name, 0.10 + 0.01 * i) for i in range(CAS_ATTEMPTS + 1)]
+    challenger = _version(mlflow_client, name, 0.95)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, versions[0])
+    _race(monkeypatch, mlflow_client, name, versions[1:])
 
     with hold(FileGateLock(tmp_path / "g.lock", "me"), 5, 30) as lease, pytest.raises(RegistryError) as info:
-        gate_and_move(client, _request(name, challenger, 0.95), lease)
+        gate_and_move(mlflow_client, _request(name, challenger, 0.95), lease)
 
     assert f"moved {CAS_ATTEMPTS} times" in str(info.value) and f"v{challenger}" in str(info.value)
     # The challenger never took the alias from under the racing mover, and its gate is left pending for a rerun.
-    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == versions[CAS_ATTEMPTS]
-    assert client.get_model_version(name, challenger).tags[TAG_GATE_STATE] == "pending"
+    assert str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == versions[CAS_ATTEMPTS]
+    assert mlflow_client.get_model_version(name, challenger).tags[TAG_GATE_STATE] == "pending"

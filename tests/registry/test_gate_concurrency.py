@@ -54,7 +54,7 @@ def _audit_records(client: Any, name: str) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _champion_chain(records: list[dict[str, Any]], action: str = "gate") -> list[str]:
+def _alias_chain(records: list[dict[str, Any]], action: str = "gate") -> list[str]:
     """An alias's moves (audit records of ``action``: ``gate`` moves the champion, ``challenger`` the challenger)
     as one chain from "no holder"; fails on a fork (two moves away from one holder)."""
     records = [r for r in records if r["action"] == action]
@@ -110,10 +110,10 @@ def test_concurrent_registrations_keep_one_audited_champion(server_env: Server, 
     assert list(decisions.values()).count("first") == 1, decisions
 
     records = _audit_records(client, name)
-    chain = _champion_chain(records)
+    chain = _alias_chain(records)
     assert chain[-1] == best
     # the challenger alias changed hands once per registration, each time audited, in one chain as well
-    challenger_chain = _champion_chain(records, "challenger")
+    challenger_chain = _alias_chain(records, "challenger")
     assert len(challenger_chain) == N_PROCESSES and set(challenger_chain) == set(versions)
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == challenger_chain[-1]
     assert set(chain) == {v for v, d in decisions.items() if d in ("first", "promoted")}
@@ -142,8 +142,8 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
     assert not record["created"] and record["version"] == "1" and record["gate"]["decision"] == "first"
     assert "interrupted" in record["gate"]["note"] and record["aliases"] == [CHALLENGER, CHAMPION]
     assert client.get_model_version(name, "1").tags[TAG_GATE_STATE] == "done"
-    assert _champion_chain(_audit_records(client, name)) == ["1"]
-    assert _champion_chain(_audit_records(client, name), "challenger") == ["1"]
+    assert _alias_chain(_audit_records(client, name)) == ["1"]
+    assert _alias_chain(_audit_records(client, name), "challenger") == ["1"]
 
     second = workspace(tmp_path / "second", tiny_model, "second", 0.70)
     write_params_yaml(second / "params.yaml", make_params(name, lease_s=1.0))
@@ -158,12 +158,12 @@ def test_rerun_finishes_an_interrupted_gate(server_env: Server, tmp_path: Path, 
     assert record["version"] == "2" and record["gate"]["decision"] == "promoted"
     assert record["gate"]["champion_version"] == "1" and record["aliases"] == [CHALLENGER, CHAMPION]
     assert client.get_model_version(name, "2").tags[TAG_GATE_STATE] == "done"
-    chain = _champion_chain(_audit_records(client, name))
+    chain = _alias_chain(_audit_records(client, name))
     assert chain == ["1", "2"] == json.loads(client.get_registered_model(name).tags[TAG_HISTORY])
-    assert _champion_chain(_audit_records(client, name), "challenger") == ["1", "2"]
+    assert _alias_chain(_audit_records(client, name), "challenger") == ["1", "2"]
 
     rc, out = _finish(_register(second, venv_bin))
     assert rc == 0, out[-3000:]
     again = json.loads((second / "registry" / "registered.json").read_text())
     assert "weights unchanged" in again["gate"]["note"] and again["gate"]["decision"] == "promoted"
-    assert _champion_chain(_audit_records(client, name)) == ["1", "2"]
+    assert _alias_chain(_audit_records(client, name)) == ["1", "2"]

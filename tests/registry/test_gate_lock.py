@@ -29,15 +29,6 @@ from tests.registry.conftest import POSTGRES_ENV, unique_name
 KINDS = ["mlflow", "file", "postgresql"]
 
 
-@pytest.fixture(scope="module")
-def mlflow_client(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """An MlflowClient on an embedded SQLite registry (no server)."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('lease') / 'mlflow.db'}"
-    return mlflow.MlflowClient(uri, registry_uri=uri)
-
-
 @pytest.fixture
 def make_lock(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str, str, float], GateLock]:
     """``make(name, owner, lease_s)`` for the backend named by the test's ``kind`` parameter."""
@@ -54,6 +45,15 @@ def make_lock(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str, 
         return PostgresLock(os.environ[POSTGRES_ENV], name, owner, lease_s)
 
     return make
+
+
+def _run_threads(target: Callable[[int], None], count: int, timeout_s: float) -> None:
+    """Run ``target(0) .. target(count - 1)`` in threads at once and wait for them all."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -74,11 +74,7 @@ def test_heartbeat_keeps_a_short_lease(kind: str, make_lock: Callable[[str, str,
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=holder, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=90)
+    _run_threads(holder, 3, timeout_s=90)
     assert not errors, errors
     assert len(intervals) == 3
     ordered = sorted(intervals)
@@ -207,10 +203,6 @@ def test_acquire_racing_a_release_waits_instead_of_failing(kind: str,
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=holder, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    _run_threads(holder, 4, timeout_s=120)
     assert not errors, errors
     assert not overlap
