@@ -70,9 +70,13 @@ def save_model(
     resolved = config.replace(encoder_weights=None)
     metadata = {PARAMS_KEY: resolved.to_json(), FORMAT_KEY: FORMAT_VERSION, **(extra or {})}
     tmp = target.with_name(target.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    _sort_metadata(tmp)
-    tmp.replace(target)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file (a full disk) is not left to fill it further
+        raise
     return target
 
 

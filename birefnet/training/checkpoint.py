@@ -11,12 +11,17 @@ Layout of a checkpoint folder (what Ray Train stores under ``RunConfig(storage_p
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from birefnet.config import ModelParams
@@ -43,12 +48,34 @@ def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_par
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, model_params, folder / "model.safetensors", extra=extra)
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    with _naming_the_file(folder / "model.safetensors"):
+        save_model(model, model_params, folder / "model.safetensors", extra=extra)
+    with _naming_the_file(folder / "optimizer.pt"):
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     if scaler is not None:
-        torch.save(scaler.state_dict(), folder / "scaler.pt")
-    (folder / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        with _naming_the_file(folder / "scaler.pt"):
+            torch.save(scaler.state_dict(), folder / "scaler.pt")
+    with _naming_the_file(folder / STATE_FILE):
+        (folder / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     return folder
+
+
+@contextlib.contextmanager
+def _naming_the_file(path: Path) -> Iterator[None]:
+    """Re-raise a failed write as an ``OSError`` naming ``path`` and the space left on its disk.
+
+    A full disk reaches torch as a stream error (``basic_ios::clear: iostream error``, ``unexpected pos``), which
+    says neither which file nor why; a checkpoint of the full model is gigabytes.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free"
+        except OSError:
+            free = "free space unknown"
+        code = getattr(exc, "errno", None) or (errno.ENOSPC if "No space left" in str(exc) else errno.EIO)
+        raise OSError(code, f"writing checkpoint file {path} failed ({free} on its disk): {exc}") from exc
 
 
 def load_training_state(folder: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

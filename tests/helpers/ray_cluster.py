@@ -61,13 +61,15 @@ def _existing_token() -> str | None:
         return None
 
 
-def hidden_from(folders: list[Path], command: list[str]) -> list[str]:
+def hidden_from(folders: list[Path], command: list[str], *, size: str | None = None) -> list[str]:
     """``command`` run in its own mount namespace where each of ``folders`` is an empty tmpfs.
 
     The process and everything it starts (a Ray node's raylet, its workers) see an empty folder where the
-    caller sees its files: a node "on another machine" that does not have the driver's folder.
+    caller sees its files: a node "on another machine" that does not have the driver's folder. ``size`` (``"256k"``)
+    caps each tmpfs: a disk that fills up.
     """
-    mounts = " && ".join(f'mount -t tmpfs birefnet-hidden "{folder}"' for folder in folders)
+    options = f"-o size={size} " if size else ""
+    mounts = " && ".join(f'mount -t tmpfs {options}birefnet-hidden "{folder}"' for folder in folders)
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f'{mounts} && exec "$@"', "sh",
             *command]
 

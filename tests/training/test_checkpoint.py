@@ -17,6 +17,7 @@ import torch
 from birefnet.config import load_params
 from birefnet.publish import CRASH_ENV, finish_pending
 from birefnet.training.checkpoint import load_training_state, save_training_state
+from tests.helpers.ray_cluster import can_hide_folders, hidden_from
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,38 @@ def test_missing_scaler_file_is_logged(tmp_path: Path, tiny, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="birefnet"):
         load_training_state(tmp_path, model=build_model(tiny.model), optimizer=None, scaler=scaler)
     assert "no scaler.pt" in caplog.text and "restarts" in caplog.text
+
+
+FULL_DISK = textwrap.dedent("""
+    import sys
+    import torch
+    from birefnet.config import load_params
+    from birefnet.training.checkpoint import save_training_state
+
+    params = load_params(sys.argv[1], ["model.encoder=test_convnext", "model.deform_impl=sampling"])
+    model = torch.nn.Linear(512, 512)  # 1 MiB of weights, the disk holds 256 KiB
+    try:
+        save_training_state(sys.argv[2], model=model, model_params=params.model,
+                            optimizer=torch.optim.AdamW(model.parameters()), scaler=None, state={"epoch": 0})
+    except OSError as exc:
+        print(f"OSError errno={exc.errno}: {exc}")
+    print("leftovers:", sorted(p.name for p in __import__("pathlib").Path(sys.argv[2]).iterdir()))
+""")
+
+
+@pytest.mark.skipif(not can_hide_folders(), reason="needs mount namespaces (unshare) for a small tmpfs")
+def test_full_disk_names_the_checkpoint_file_and_the_space_left(tmp_path: Path, repo_root: Path) -> None:
+    """A checkpoint that does not fit its disk (a real 256 KiB tmpfs) fails naming the file and the free space,
+    not with torch's bare stream error."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    command = [sys.executable, "-c", FULL_DISK, str(repo_root / "params.yaml"), str(folder / "checkpoint")]
+    done = subprocess.run(hidden_from([folder], command, size="256k"), capture_output=True, text=True,
+                          timeout=120, cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    assert f"writing checkpoint file {folder / 'checkpoint' / 'model.safetensors'} failed (" in done.stdout, done.stdout
+    assert "GiB free on its disk" in done.stdout and "errno=28" in done.stdout, done.stdout  # ENOSPC kept
+    assert "leftovers: []" in done.stdout, done.stdout  # the half-written file is removed
 
 
 # ---------------------------------------------------------------------------- train stage outputs, all or nothing

@@ -22,7 +22,7 @@ SMALL_RUN = {
     "data.synthetic.max_side": "96", "data.on_bad_sample": "fail",
     "loader.batch_size": "2", "loader.workers": "0", "loader.epoch_batches": "1", "loader.shuffle_buffer": "0",
     "train.use_gpu": "false", "train.num_workers": "2", "train.cpus_per_worker": "1", "train.threads_per_worker": "1",
-    "train.memory_preset": "none", "train.checkpoint_every": "1", "train.val_every": "1",
+    "train.memory_preset": "none", "train.checkpoint_every": "1", "train.keep_checkpoints": "1", "train.val_every": "1",
     "train.bn_recalibration": "0", "model.deform_impl": "sampling", "model.encoder_weights": "null",
 }
 
