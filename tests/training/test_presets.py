@@ -4,6 +4,8 @@ step of its own configuration (encoder, losses, stages, optimiser) through the r
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,9 +77,38 @@ def _one_step_overrides(preset: Path, workspace: Path) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
+@pytest.fixture
+def drop_swin_l_weights(tmp_path: Path) -> Iterator[None]:
+    """Remove the run's weights and checkpoints when a test ends: Swin-L weights with their Adam state are 2.6 GB
+    a copy, and the CI machine's disk is shared (pytest keeps every test's folder until later runs). The tracking
+    database stays: MLflow keeps its connection to it open for the rest of the session."""
+    yield
+    for name in ("models", "checkpoints"):
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_has_every_param_dvc_yaml_lists(preset: Path) -> None:
+    """DVC refuses to run a stage whose listed param is missing from params.yaml: a preset copied there must
+    carry every key dvc.yaml names (the schema default is not enough)."""
+    doc = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    missing = []
+    for name, stage in stages.items():
+        for key in stage.get("params") or []:
+            node = doc
+            for part in str(key).split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{key} (stage {name})")
+                    break
+                node = node[part]
+    assert not missing, f"{preset.name} lacks params that dvc.yaml lists: {missing}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_trains_one_step_per_stage_on_two_ray_workers(preset: Path, tmp_path: Path) -> None:
+def test_preset_trains_one_step_per_stage_on_two_ray_workers(preset: Path, tmp_path: Path,
+                                                             drop_swin_l_weights: None) -> None:
     from birefnet.stages import gradients, ingest, shard, synthesize
     from birefnet.stages.train import run
 
@@ -105,21 +136,3 @@ def test_preset_trains_one_step_per_stage_on_two_ray_workers(preset: Path, tmp_p
 
     model = birefnet.load_model(tmp_path / "models" / "model.safetensors")
     assert model.encoder.out_channels == (192, 384, 768, 1536)  # the preset's Swin-L, not a stand-in
-
-
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_has_every_param_dvc_yaml_lists(preset: Path) -> None:
-    """DVC refuses to run a stage whose listed param is missing from params.yaml: a preset copied there must
-    carry every key dvc.yaml names (the schema default is not enough)."""
-    doc = yaml.safe_load(preset.read_text(encoding="utf-8"))
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    missing = []
-    for name, stage in stages.items():
-        for key in stage.get("params") or []:
-            node = doc
-            for part in str(key).split("."):
-                if not isinstance(node, dict) or part not in node:
-                    missing.append(f"{key} (stage {name})")
-                    break
-                node = node[part]
-    assert not missing, f"{preset.name} lacks params that dvc.yaml lists: {missing}"
