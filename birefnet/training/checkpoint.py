@@ -11,12 +11,11 @@ Layout of a checkpoint folder (what Ray Train stores under ``RunConfig(storage_p
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +47,25 @@ def save_training_state(folder: str | Path, *, model: torch.nn.Module, model_par
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _naming_the_file(folder / "model.safetensors"):
-        save_model(model, model_params, folder / "model.safetensors", extra=extra)
-    with _naming_the_file(folder / "optimizer.pt"):
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    if scaler is not None:
-        with _naming_the_file(folder / "scaler.pt"):
-            torch.save(scaler.state_dict(), folder / "scaler.pt")
-    with _naming_the_file(folder / STATE_FILE):
-        (folder / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    writes: dict[str, Callable[[Path], Any]] = {
+        "model.safetensors": lambda path: save_model(model, model_params, path, extra=extra),
+        "optimizer.pt": lambda path: torch.save(optimizer.state_dict(), path),
+        **({"scaler.pt": lambda path: torch.save(scaler.state_dict(), path)} if scaler is not None else {}),
+        STATE_FILE: lambda path: path.write_text(json.dumps(state), encoding="utf-8"),
+    }
+    for name, write in writes.items():
+        _write_naming_the_file(folder / name, write)
     return folder
 
 
-@contextlib.contextmanager
-def _naming_the_file(path: Path) -> Iterator[None]:
-    """Re-raise a failed write as an ``OSError`` naming ``path`` and the space left on its disk.
+def _write_naming_the_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(path)``; a failure is re-raised as an ``OSError`` naming ``path`` and the space left on its disk.
 
     A full disk reaches torch as a stream error (``basic_ios::clear: iostream error``, ``unexpected pos``), which
     says neither which file nor why; a checkpoint of the full model is gigabytes.
     """
     try:
-        yield
+        write(path)
     except (OSError, RuntimeError, SafetensorError) as exc:
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free"

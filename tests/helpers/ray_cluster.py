@@ -6,6 +6,7 @@ test never touches Ray processes it did not start.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
@@ -74,8 +75,10 @@ def hidden_from(folders: list[Path], command: list[str], *, size: str | None = N
             *command]
 
 
+@functools.cache
 def can_hide_folders() -> bool:
-    """Whether this machine lets the tests make a mount namespace (root or user namespaces allowed)."""
+    """Whether this machine lets the tests make a mount namespace (root or user namespaces allowed); probed once
+    per process (test modules ask at collection)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:

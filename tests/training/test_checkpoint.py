@@ -77,6 +77,8 @@ def test_missing_scaler_file_is_logged(tmp_path: Path, tiny, caplog: pytest.LogC
 
 FULL_DISK = textwrap.dedent("""
     import sys
+    from pathlib import Path
+
     import torch
     from birefnet.config import load_params
     from birefnet.training.checkpoint import save_training_state
@@ -88,7 +90,7 @@ FULL_DISK = textwrap.dedent("""
                             optimizer=torch.optim.AdamW(model.parameters()), scaler=None, state={"epoch": 0})
     except OSError as exc:
         print(f"OSError errno={exc.errno}: {exc}")
-    print("leftovers:", sorted(p.name for p in __import__("pathlib").Path(sys.argv[2]).iterdir()))
+    print("leftovers:", sorted(p.name for p in Path(sys.argv[2]).iterdir()))
 """)
 
 
